@@ -1,0 +1,92 @@
+"""``python -m infer.convert SRC DST [--box-style 2d|3d] [--demo]``: write a converted artifact.
+
+SRC is an nnInteractive release folder (or the folder above it) or an existing artifact. DST gets
+``weights.pt`` (a plain dict of tensors, loadable with ``torch.load(weights_only=True)``) and
+``model_card.json`` (with the sha256 of weights.pt). Both are written atomically: a temporary file
+in DST, then ``os.replace``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .card import CARD_FILE, CardError, ModelCard
+from .weights import (WeightsError, find_model_root, instantiate, read_artifact, read_release,
+                      sha256_file)
+
+
+def write_artifact(dst, state_dict: dict, card: ModelCard) -> Path:
+    """Write ``state_dict`` and ``card`` (weights_sha256 filled in) into folder ``dst``.
+
+    The state dict is checked against the card's architecture first (strict, on the meta device,
+    so nothing is allocated); aliased entries that share storage are stored once.
+    """
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise WeightsError("state dict must map names to tensors")
+    meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state_dict.items()}
+    instantiate(card, meta, device="meta")  # raises WeightsError on any key / shape mismatch
+    target = dst / card.weights_file
+    tmp = dst / f".{card.weights_file}.tmp-{os.getpid()}"
+    try:
+        torch.save(dict(state_dict), tmp)
+        card.weights_sha256 = sha256_file(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    card.save(dst / CARD_FILE)
+    return dst
+
+
+def convert(src, dst, box_style: str | None = None, demo: bool | None = None) -> Path:
+    """Convert SRC (release or artifact) into an artifact folder DST; returns DST.
+
+    box_style / demo override the card's values when given (a release defaults to "2d", False).
+    """
+    kind, root = find_model_root(src)
+    if kind == "release":
+        sd, card = read_release(root, box_style or "2d", bool(demo))
+    else:
+        sd, card = read_artifact(root)
+        card.box_style = box_style or card.box_style
+        card.demo = card.demo if demo is None else demo
+        card.source = card.source or f"artifact {root.name!r}"
+    if Path(dst).resolve() == root.resolve():
+        raise WeightsError(f"DST {dst} is the source folder; choose another folder")
+    card.weights_file = "weights.pt"
+    try:
+        card.validate()
+    except CardError as e:
+        raise WeightsError(str(e)) from None
+    return write_artifact(dst, sd, card)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m infer.convert", description=__doc__.split("\n")[0])
+    ap.add_argument("src", help="nnInteractive release folder or converted artifact folder")
+    ap.add_argument("dst", help="output folder (created)")
+    ap.add_argument("--box-style", choices=("2d", "3d"), default=None,
+                    help="how boxes are drawn for this model (release default: 2d)")
+    ap.add_argument("--demo", action="store_true", default=None,
+                    help="mark the card as a demo (not a real trained) model")
+    args = ap.parse_args(argv)
+    try:
+        dst = convert(args.src, args.dst, args.box_style, args.demo)
+    except (WeightsError, CardError, OSError) as e:
+        print(f"convert: error: {e}", file=sys.stderr)
+        return 1
+    card = ModelCard.load(dst)
+    weights = dst / card.weights_file
+    print(f"wrote {weights} ({weights.stat().st_size / 2**20:.1f} MiB, sha256 {card.weights_sha256})")
+    print(f"wrote {dst / CARD_FILE} (patch {list(card.patch_size)}, {card.input_channels} -> "
+          f"{card.num_classes} channels, box_style {card.box_style}, demo {card.demo})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
