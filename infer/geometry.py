@@ -56,12 +56,12 @@ def make_crop(center: Sequence[float], zoom: float, patch: Sequence[int]) -> Cro
     return Crop(lo=lo, size=size, patch=tuple(int(p) for p in patch))  # type: ignore[arg-type]
 
 
-def zoom_for_extent(extent: Sequence[float], patch: Sequence[int], context: float,
+def zoom_for_extent(extent: Sequence[float], patch: Sequence[int], margin: float = 1 / 3,
                     min_zoom: float = 1.0, max_zoom: float = 4.0) -> float:
-    """Smallest zoom at which an object of ``extent`` voxels per axis, enlarged by ``context``
-    (0.5 = a quarter of the extent of margin on each side), fits the patch; clamped to
-    ``[min_zoom, max_zoom]``."""
-    need = max((e * (1.0 + context)) / p for e, p in zip(extent, patch))
+    """nnInteractive's starting zoom for an object of ``extent`` voxels per axis: the smallest
+    zoom at which the extent plus ``margin * patch`` voxels of context fits the patch,
+    ``max_a (extent_a + margin * patch_a) / patch_a``, clamped to ``[min_zoom, max_zoom]``."""
+    need = max((e + margin * p) / p for e, p in zip(extent, patch))
     return float(min(max(need, min_zoom), max_zoom))
 
 

@@ -27,10 +27,11 @@ def test_make_crop_hand_values():
 
 
 def test_zoom_for_extent():
-    assert zoom_for_extent((10, 10, 10), (64, 64, 64), context=0.5) == 1.0
-    # 100 voxels * 1.5 / 64 = 2.34375
-    assert abs(zoom_for_extent((100, 20, 20), (64, 64, 64), context=0.5) - 2.34375) < 1e-9
-    assert zoom_for_extent((1000, 20, 20), (64, 64, 64), context=0.5, max_zoom=4.0) == 4.0
+    # (extent + 64/3) / 64 with the default margin of a third of the patch
+    assert zoom_for_extent((10, 10, 10), (64, 64, 64)) == 1.0
+    assert abs(zoom_for_extent((100, 20, 20), (64, 64, 64)) - (100 + 64 / 3) / 64) < 1e-9
+    assert abs(zoom_for_extent((20, 20, 150), (64, 64, 96), margin=0.5) - 2.0625) < 1e-9
+    assert zoom_for_extent((1000, 20, 20), (64, 64, 64), max_zoom=4.0) == 4.0
 
 
 def test_identity_crop_is_exact_copy():
