@@ -18,7 +18,7 @@ import zipfile
 import numpy as np
 from numpy.lib import format as npformat
 
-__all__ = ["CaseError", "read_case", "write_segs", "safe_unpickle_loads"]
+__all__ = ["CaseError", "read_case", "imgs_shape", "write_segs", "safe_unpickle_loads"]
 
 _CHUNK = 1 << 20  # bytes per read from a zip member: small enough to stay in cache
 
@@ -108,14 +108,25 @@ def safe_unpickle_loads(data: bytes):
 _HEADER_READERS = {(1, 0): npformat.read_array_header_1_0, (2, 0): npformat.read_array_header_2_0}
 
 
+def _members(zf):
+    """Key -> ZipInfo; np.savez names members "<key>.npy"."""
+    return {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i
+            for i in zf.infolist()}
+
+
+def _header(fp):
+    """(shape, fortran_order, dtype) from an open .npy stream, leaving it at the data."""
+    version = npformat.read_magic(fp)
+    if version not in _HEADER_READERS:
+        raise CaseError(f"unsupported npy format version {version}")
+    return _HEADER_READERS[version](fp)
+
+
 def _read_member(zf, info):
     """One ``.npy`` member -> ndarray. Numeric data is read in chunks straight into the result
     (no full-size intermediate); object arrays go through :func:`safe_unpickle_loads`."""
     with zf.open(info) as fp:
-        version = npformat.read_magic(fp)
-        if version not in _HEADER_READERS:
-            raise CaseError(f"unsupported npy format version {version}")
-        shape, fortran, dtype = _HEADER_READERS[version](fp)
+        shape, fortran, dtype = _header(fp)
         if dtype.hasobject:
             arr = safe_unpickle_loads(fp.read())
             if not isinstance(arr, np.ndarray):
@@ -248,10 +259,7 @@ def read_case(path) -> dict:
         raise CaseError(f"{name}: not a readable npz ({type(exc).__name__}: {exc})") from None
     case = {"name": name}
     with zf:
-        members = {}
-        for info in zf.infolist():
-            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-            members[key] = info
+        members = _members(zf)
         if "imgs" not in members:
             raise CaseError(f"{name}: imgs: missing")
         for key in ("imgs", "prev_pred", "spacing", "boxes", "clicks", "clicks_order"):
@@ -272,6 +280,19 @@ def read_case(path) -> dict:
                 raise CaseError(f"{name}: {key}: {msg}") from None
             case[key] = arr
     return case
+
+
+def imgs_shape(path):
+    """(D, H, W) of a case's ``imgs`` from its npy header alone (no data read, nothing
+    unpickled; a leading singleton axis dropped), or None when even that is unreadable.
+    For writing an all-zero fallback output when :func:`read_case` fails."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(_members(zf)["imgs"]) as fp:
+            shape = _header(fp)[0]
+    except Exception:
+        return None
+    shape = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
+    return tuple(int(n) for n in shape) if len(shape) == 3 else None
 
 
 def write_segs(path, segs) -> None:

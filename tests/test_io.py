@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from numpy.lib import format as npformat
 
-from infer.io import CaseError, read_case, safe_unpickle_loads, write_segs
+from infer.io import CaseError, imgs_shape, read_case, safe_unpickle_loads, write_segs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,6 +178,25 @@ def test_truncated_non_npz_missing_imgs_and_short_data(tmp_path):
         with pytest.raises(CaseError, match=match):
             read_case(tmp_path / name)
     assert read_case(good)["imgs"].shape == (20, 30, 40)
+
+
+def test_imgs_shape_reads_only_the_header(tmp_path):
+    """The fallback shape survives cases read_case refuses: bad prompts, short imgs data."""
+    evil = _object_npy(pickle.dumps(_payload("os.system", tmp_path / "pwned")))
+    short = _npy(np.zeros((6, 7, 8), np.uint8))[:-100]
+    _write_zip(tmp_path / "evil.npz", {"imgs.npy": _npy(IMGS[None]), "boxes.npy": evil})
+    _write_zip(tmp_path / "short.npz", {"imgs.npy": short})
+    for name in ("evil.npz", "short.npz"):
+        with pytest.raises(CaseError):
+            read_case(tmp_path / name)
+    assert imgs_shape(tmp_path / "evil.npz") == (2, 3, 4)
+    assert imgs_shape(tmp_path / "short.npz") == (6, 7, 8)
+    np.savez(tmp_path / "noimgs.npz", spacing=np.ones(3))
+    np.savez(tmp_path / "flat.npz", imgs=np.zeros(5))
+    (tmp_path / "text.npz").write_text("no zip")
+    for name in ("noimgs.npz", "flat.npz", "text.npz", "absent.npz"):
+        assert imgs_shape(tmp_path / name) is None
+    assert not (tmp_path / "pwned").exists()
 
 
 # ---------------------------------------------------------------- untrusted pickles
