@@ -11,9 +11,11 @@ arrays that ``np.savez`` stores as pickles (``boxes``, ``clicks``, ``clicks_orde
 import contextlib
 import io
 import math
+import mmap
 import os
 import pickle
 import zipfile
+import zlib
 
 import numpy as np
 from numpy.lib import format as npformat
@@ -234,8 +236,12 @@ def _spacing(arr):
 _PROMPTS = {"boxes": _boxes, "clicks": _clicks, "clicks_order": _clicks_order}
 
 
-def read_case(path) -> dict:
+def read_case(path, keys=None) -> dict:
     """Read one case ``.npz`` without ever opening its ``gts`` member.
+
+    ``keys``: which of the optional keys to read besides ``imgs`` (default: all); the others are
+    None. ``read_case(path, keys=("prev_pred",))`` still gives a case whose prompts are malformed
+    its image and previous prediction (the fallback output of ``python -m infer``).
 
     Returns a dict:
       - ``imgs``: ndarray (D, H, W) = (z, y, x), dtype as stored (native byte order; a 4D array
@@ -263,6 +269,9 @@ def read_case(path) -> dict:
         if "imgs" not in members:
             raise CaseError(f"{name}: imgs: missing")
         for key in ("imgs", "prev_pred", "spacing", "boxes", "clicks", "clicks_order"):
+            if keys is not None and key != "imgs" and key not in keys:
+                case[key] = None
+                continue
             try:
                 arr = _read_member(zf, members[key]) if key in members else None
                 if key in ("imgs", "prev_pred"):
@@ -285,14 +294,41 @@ def read_case(path) -> dict:
 def imgs_shape(path):
     """(D, H, W) of a case's ``imgs`` from its npy header alone (no data read, nothing
     unpickled; a leading singleton axis dropped), or None when even that is unreadable.
-    For writing an all-zero fallback output when :func:`read_case` fails."""
+    For writing an all-zero fallback output when :func:`read_case` fails. A zip whose central
+    directory is gone (a truncated file) is searched for the local header of ``imgs.npy``."""
     try:
         with zipfile.ZipFile(path) as zf, zf.open(_members(zf)["imgs"]) as fp:
             shape = _header(fp)[0]
     except Exception:
-        return None
+        shape = _imgs_shape_from_local_header(path)
+        if shape is None:
+            return None
     shape = shape[1:] if len(shape) == 4 and shape[0] == 1 else shape
     return tuple(int(n) for n in shape) if len(shape) == 3 else None
+
+
+def _imgs_shape_from_local_header(path, limit=1 << 16):
+    """The ``imgs.npy`` npy header's shape found through its zip local file header (stored or
+    deflated member), for files cut short before their central directory; None if not found."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            pos = mm.find(b"imgs.npy")
+            while pos >= 30:
+                head = mm[pos - 30:pos]
+                sig, method, name_len, extra_len = head[:4], head[8:10], head[26:28], head[28:30]
+                if sig == b"PK\x03\x04" and int.from_bytes(name_len, "little") == 8:
+                    start = pos + 8 + int.from_bytes(extra_len, "little")
+                    data = mm[start:start + limit]
+                    method = int.from_bytes(method, "little")
+                    if method == zipfile.ZIP_DEFLATED:
+                        data = zlib.decompressobj(-15).decompress(data, limit)
+                    elif method != zipfile.ZIP_STORED:
+                        return None
+                    return _header(io.BytesIO(data))[0]
+                pos = mm.find(b"imgs.npy", pos + 1)
+    except Exception:
+        return None
+    return None
 
 
 def write_segs(path, segs) -> None:
