@@ -1,0 +1,179 @@
+"""metrics.csv, the summary line and report.png from a list of ``CaseResult``.
+
+CSV columns: the organizer's, in its order (``CaseName, TotalRunningTime, RunningTime_1..6,
+DSC_AUC, NSD_AUC, DSC_Final, NSD_Final, DSC_1..6, NSD_1..6, num_class, runtime_upperbound``),
+then ``OverBudget``, ``MissingOutputs`` (stages that ran but left no usable output), ``HasBoxes``
+and ``Notes``. Floats are written at full precision (shortest round-trip, as pandas does); NaN
+is an empty cell (pandas' default). Over the 90 s x K budget, DSC_AUC / NSD_AUC / DSC_Final /
+NSD_Final are written as 0 (the challenge rule; the organizer's script only warns) unless
+``zero_over_budget`` is False; the per-stage DSC_k / NSD_k always hold the measured values.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Iterable, List
+
+import numpy as np
+
+from .runner import N_STAGES, CaseResult
+
+__all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "plot_report"]
+
+ORGANIZER_COLUMNS = (["CaseName", "TotalRunningTime"]
+                     + [f"RunningTime_{k}" for k in range(1, N_STAGES + 1)]
+                     + ["DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final"]
+                     + [f"DSC_{k}" for k in range(1, N_STAGES + 1)]
+                     + [f"NSD_{k}" for k in range(1, N_STAGES + 1)]
+                     + ["num_class", "runtime_upperbound"])
+COLUMNS = ORGANIZER_COLUMNS + ["OverBudget", "MissingOutputs", "HasBoxes", "Notes"]
+
+
+def _scores(r: CaseResult, zero_over_budget: bool) -> dict:
+    out = {"DSC_AUC": r.dsc_auc, "NSD_AUC": r.nsd_auc, "DSC_Final": r.dsc[-1], "NSD_Final": r.nsd[-1]}
+    if zero_over_budget and r.over_budget:
+        out = {k: 0.0 for k in out}
+    return out
+
+
+def case_row(r: CaseResult, zero_over_budget: bool = True) -> dict:
+    """One CSV row (values as Python objects) for a case."""
+    row = {"CaseName": r.name, "TotalRunningTime": r.total_time}
+    row.update({f"RunningTime_{k + 1}": float(t) for k, t in enumerate(r.times)})
+    row.update(_scores(r, zero_over_budget))
+    row.update({f"DSC_{k + 1}": float(v) for k, v in enumerate(r.dsc)})
+    row.update({f"NSD_{k + 1}": float(v) for k, v in enumerate(r.nsd)})
+    notes = list(r.notes) + [f"stage {k + 1}: {m}" for k, m in enumerate(r.missing) if m]
+    row.update({"num_class": r.n_classes, "runtime_upperbound": r.budget_s,
+                "OverBudget": r.over_budget, "MissingOutputs": r.n_missing,
+                "HasBoxes": r.has_boxes, "Notes": " | ".join(notes)})
+    return row
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return value
+
+
+def write_csv(results: Iterable[CaseResult], path, zero_over_budget: bool = True) -> None:
+    """Write ``metrics.csv`` (see module docstring for columns and conventions)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: _cell(v) for k, v in case_row(r, zero_over_budget).items()})
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(list(values), dtype=float)
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def summary_line(results: List[CaseResult], zero_over_budget: bool = True, mode: str = "") -> str:
+    """One line: case count, mean DSC_AUC / NSD_AUC / DSC_Final / NSD_Final (NaN cases skipped),
+    cases over budget, stages without output, total predictor time."""
+    rows = [_scores(r, zero_over_budget) for r in results]
+    means = {k: _nanmean(row[k] for row in rows) for k in ("DSC_AUC", "NSD_AUC", "DSC_Final", "NSD_Final")}
+    over = sum(r.over_budget for r in results)
+    missing = sum(r.n_missing for r in results)
+    total = sum(r.total_time for r in results)
+    head = f"[{mode}] " if mode else ""
+    return (f"{head}{len(results)} cases | DSC_AUC {means['DSC_AUC']:.4f} (max 4) | NSD_AUC "
+            f"{means['NSD_AUC']:.4f} | DSC_Final {means['DSC_Final']:.4f} | NSD_Final "
+            f"{means['NSD_Final']:.4f} | over budget {over} | stages without output {missing} | "
+            f"predictor time {total:.1f} s")
+
+
+def _wrap(text: str) -> str:
+    """Break a summary line after its fourth field so that it fits above the figure."""
+    parts = text.split(" | ")
+    return " | ".join(parts[:4]) + ("\n" + " | ".join(parts[4:]) if len(parts) > 4 else "")
+
+
+def _stage_means(values: np.ndarray, has_boxes) -> np.ndarray:
+    """Mean per stage over cases, NaN skipped; the box stage only over cases that have boxes."""
+    with np.errstate(all="ignore"):
+        mean = np.array([_nanmean(col) for col in values.T])
+        boxed = values[np.asarray(has_boxes, bool), 0]
+        mean[0] = _nanmean(boxed) if boxed.size else np.nan
+    return mean
+
+
+def plot_report(results: List[CaseResult], path, title: str = "") -> None:
+    """report.png: DSC and NSD per stage (one thin line per case, mean in bold; a skipped box
+    stage is not drawn nor averaged), time per stage (stacked bar per case with its 90 s x K
+    budget), and each case's AUCs and final scores."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = np.arange(1, N_STAGES + 1)
+    labels = ["box"] + [f"click {k}" for k in range(1, N_STAGES)]
+    names = [Path(r.name).stem for r in results]
+    fig, axes = plt.subplots(2, 2, figsize=(14, 9), constrained_layout=True)
+    fig.suptitle(_wrap(title or f"{len(results)} cases"), fontsize=12)
+    cmap = plt.get_cmap("tab10" if len(results) <= 10 else "viridis")
+    colors = [cmap(i / max(len(results) - 1, 1)) if len(results) > 10 else cmap(i)
+              for i in range(len(results))]
+
+    for ax, key, name in ((axes[0, 0], "dsc", "DSC"), (axes[0, 1], "nsd", "NSD (2 mm)")):
+        values = np.array([getattr(r, key) for r in results], dtype=float).reshape(len(results), -1)
+        for r, v, c in zip(results, values, colors):
+            start = 0 if r.has_boxes else 1  # a skipped box stage is scored 0: not drawn
+            ax.plot(stages[start:], v[start:], "-o", color=c, lw=1, ms=3, alpha=0.7,
+                    label=Path(r.name).stem if len(results) <= 10 else None)
+        if len(results):
+            mean = _stage_means(values, [r.has_boxes for r in results])
+            ax.plot(stages, mean, "-o", color="black", lw=2.5, label="mean")
+        ax.axvspan(1.5, N_STAGES + 0.5, color="0.93", zorder=0)
+        ax.text(1.6, 0.97, "AUC stages", ha="left", va="top", fontsize=8, color="0.4")
+        ax.set(xticks=stages, xticklabels=labels, ylim=(0, 1.02), xlim=(0.5, N_STAGES + 0.5),
+               ylabel=name, title=f"{name} per stage")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right", ncol=2)
+
+    ax = axes[1, 0]
+    times = np.array([r.times for r in results], dtype=float).reshape(len(results), -1)
+    budgets = np.array([r.budget_s for r in results], dtype=float)
+    x = np.arange(len(results))
+    bottom = np.zeros(len(results))
+    stage_colors = plt.get_cmap("Blues")(np.linspace(0.35, 0.95, N_STAGES))
+    for k in range(N_STAGES):
+        ax.bar(x, times[:, k], bottom=bottom, color=stage_colors[k], label=labels[k], width=0.8)
+        bottom += times[:, k]
+    top = max(float(bottom.max(initial=0)) * 1.25, 1.0)
+    shown = budgets <= top
+    if shown.any():
+        ax.scatter(x[shown], budgets[shown], marker="_", s=600, lw=2, color="red",
+                   label="budget 90 s x K", zorder=3)
+    for i, r in enumerate(results):
+        pct = 100 * r.total_time / r.budget_s if r.budget_s else float("inf")
+        ax.text(i, bottom[i], f"{r.total_time:.1f} s\n{pct:.0f}%" + (" OVER" if r.over_budget else ""),
+                color="red" if r.over_budget else "black", ha="center", va="bottom", fontsize=7)
+    off = "" if shown.all() else f"; budgets ({budgets[~shown].min():.0f} s and up) off scale"
+    ax.set(xticks=x, ylim=(0, top * 1.1), ylabel="seconds",
+           title=f"time per stage, stacked (label: total, % of budget){off}")
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.legend(fontsize=7, ncol=4, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+
+    ax = axes[1, 1]
+    rows = [case_row(r) for r in results]
+    width = 0.2
+    for j, (key, c) in enumerate((("DSC_AUC", "tab:blue"), ("NSD_AUC", "tab:orange"))):
+        ax.bar(x + (j - 1.5) * width, [row[key] / 4 for row in rows], width, color=c,
+               label=f"{key} / 4")
+    for j, (key, c) in enumerate((("DSC_Final", "tab:green"), ("NSD_Final", "tab:red"))):
+        ax.bar(x + (j + 0.5) * width, [row[key] for row in rows], width, color=c, label=key)
+    for i, r in enumerate(results):
+        if r.n_missing:
+            ax.text(i, 1.01, f"{r.n_missing} missing", color="red", ha="center", fontsize=7)
+    ax.set(xticks=x, ylim=(0, 1.08), title="per case: AUC (scaled to 0..1) and final scores")
+    ax.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+    ax.legend(fontsize=7, ncol=4, loc="lower center")
+    ax.grid(axis="y", alpha=0.3)
+
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
