@@ -1,4 +1,4 @@
-"""``python -m evaluation``: score a predictor the way the organizer does, on a folder of cases.
+"""python -m evaluation: score a predictor the way the organizer does, on a folder of cases.
 
     python -m evaluation --images DIR [--gts DIR] --out DIR [--warm | --docker IMAGE_OR_TARBALL]
                          [--weights PATH] [--device cpu|cuda] [--workers 1]
