@@ -10,6 +10,6 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --disable-pip-version-check numpy==2.4.6
 if [ "${1:-}" != "--runtime-only" ]; then
     .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps dynamic-network-architectures==0.4.4
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps dynamic-network-architectures==0.4.4 surface-distance==0.1
 fi
 .venv/bin/python -c "import torch, numpy; print('venv ready: torch', torch.__version__, 'numpy', numpy.__version__)"
