@@ -139,3 +139,35 @@ def test_cli(tmp_path):
     assert len(files) == 1
     with np.load(files[0], allow_pickle=False) as z:
         assert z["imgs"].shape == (16, 48, 48)
+
+
+def test_sample_inputs_are_what_the_generator_writes(tmp_path):
+    io = pytest.importorskip("infer.io")
+    from pathlib import Path
+    from scripts import make_sample_inputs as msi
+    committed = Path(__file__).resolve().parents[1] / "sample_inputs"
+    msi.make(tmp_path)
+    for name in msi.NAMES:
+        a, b = io.read_case(committed / name), io.read_case(tmp_path / name)
+        for key in ("imgs", "prev_pred"):
+            if a[key] is None:
+                assert b[key] is None
+            else:
+                np.testing.assert_array_equal(a[key], b[key])
+        assert a["boxes"] == b["boxes"] and a["clicks"] == b["clicks"]
+        assert a["clicks_order"] == b["clicks_order"]
+        with np.load(committed / "gts" / name, allow_pickle=False) as z:
+            assert z["gts"].shape == a["imgs"].shape and a["imgs"].shape == msi.SHAPE
+        with np.load(committed / name, allow_pickle=False) as z:
+            assert "gts" not in z.files  # ground truth is kept apart
+    box, clicks, nobox = (io.read_case(committed / n) for n in msi.NAMES)
+    assert box["boxes"] is not None and box["clicks"] is None and box["prev_pred"] is None
+    assert clicks["boxes"] is not None and clicks["prev_pred"] is not None
+    assert any(order[-1] is None for order in clicks["clicks_order"])  # a class already perfect
+    with np.load(committed / "gts" / msi.NAMES[1], allow_pickle=False) as z:
+        gts = z["gts"]
+    for k, order in enumerate(clicks["clicks_order"], start=1):
+        if order[-1] is None:
+            np.testing.assert_array_equal(clicks["prev_pred"] == k, gts == k)
+    assert nobox["boxes"] is None and nobox["clicks"] is not None
+    assert not nobox["prev_pred"].any()
