@@ -174,13 +174,19 @@ def patch_to_region(patch: torch.Tensor, crop: Crop, shape: Sequence[int]) -> Tu
 
 
 def bbox_of(mask: torch.Tensor) -> Tuple[Vec3, Vec3] | None:
-    """Half-open bounding box ``(lo, hi)`` of the non-zero voxels of a (d, h, w) tensor, or None."""
-    if not bool(mask.any()):
-        return None
+    """Half-open bounding box ``(lo, hi)`` of the non-zero voxels of a (d, h, w) tensor, or None.
+
+    Two passes over the volume: its (d, h) and (h, w) projections; the three 1-D profiles come
+    from those."""
+    if mask.dtype != torch.bool:
+        mask = mask != 0
+    zy = mask.any(dim=2)
+    yx = mask.any(dim=0)
     lo, hi = [], []
-    for a in range(3):
-        other = tuple(b for b in range(3) if b != a)
-        idx = torch.nonzero(mask.any(dim=other[1]).any(dim=other[0])).flatten()
+    for prof in (zy.any(dim=1), zy.any(dim=0), yx.any(dim=0)):
+        idx = torch.nonzero(prof).flatten()
+        if idx.numel() == 0:
+            return None
         lo.append(int(idx[0]))
         hi.append(int(idx[-1]) + 1)
     return tuple(lo), tuple(hi)  # type: ignore[return-value]

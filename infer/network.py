@@ -101,6 +101,26 @@ def normalize_arch(arch: dict) -> dict:
     return out
 
 
+class Conv3d(nn.Conv3d):
+    """nn.Conv3d (same parameters and state-dict keys) that, for float32 inference on the CPU,
+    always runs oneDNN's convolution.
+
+    PyTorch's CPU dispatch sends a batch-1 3x3x3 convolution whose ``C * D * H`` is at most
+    20 480 (e.g. 8 channels on a 40^3 patch) to its im2col fallback ``slow_conv3d``, measured
+    ~25x slower than oneDNN on such layers (see docs/PERFORMANCE.md). With autograd on, or on
+    any other device or dtype, the stock path runs unchanged."""
+
+    def _conv_forward(self, input, weight, bias):
+        if (input.device.type == "cpu" and input.dtype == torch.float32 and weight.dtype == torch.float32
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and not (torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad))
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+            return torch.ops.aten.mkldnn_convolution(input.contiguous(), weight.contiguous(), bias,
+                                                     list(self.padding), list(self.stride),
+                                                     list(self.dilation), self.groups)
+        return super()._conv_forward(input, weight, bias)
+
+
 class ConvNormAct(nn.Module):
     """Conv3d ('same' padding for odd kernels) -> InstanceNorm3d -> optional LeakyReLU.
 
@@ -111,8 +131,7 @@ class ConvNormAct(nn.Module):
     def __init__(self, cin, cout, kernel, stride, bias, norm_kw, nonlin_kw=None):
         super().__init__()
         kernel = [kernel] * 3 if isinstance(kernel, int) else list(kernel)
-        self.conv = nn.Conv3d(cin, cout, kernel, stride, padding=[(k - 1) // 2 for k in kernel],
-                              bias=bias)
+        self.conv = Conv3d(cin, cout, kernel, stride, padding=[(k - 1) // 2 for k in kernel], bias=bias)
         self.norm = nn.InstanceNorm3d(cout, **norm_kw)
         mods = [self.conv, self.norm]
         if nonlin_kw is not None:
@@ -215,7 +234,7 @@ class Decoder(nn.Module):
             stages.append(ConvStack(a["n_conv_per_stage_decoder"][s - 1], 2 * skip, skip,
                                     a["kernel_sizes"][-(s + 1)], 1, bias, a["norm_op_kwargs"],
                                     a["nonlin_kwargs"]))
-            segs.append(nn.Conv3d(skip, num_classes, 1, 1, 0, bias=True))
+            segs.append(Conv3d(skip, num_classes, 1, 1, 0, bias=True))
         self.stages = nn.ModuleList(stages)
         self.transpconvs = nn.ModuleList(ups)
         self.seg_layers = nn.ModuleList(segs)
