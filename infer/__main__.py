@@ -33,22 +33,57 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _fallback_segs(path, case):
-    """Zeros of the image's shape (or its previous prediction) for a case that could not be segmented."""
+def _labels(arr, k=None):
+    """Any numeric (D, H, W) array -> uint8 / uint16 labels: NaN and negatives become 0, values
+    are rounded, and labels above ``k`` (when known) become 0."""
     import numpy as np
-    from .io import imgs_shape
+    a = np.asarray(arr)
+    if a.dtype.kind == "f":
+        a = np.rint(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
+    a = a.astype(np.int64, copy=False) if a.dtype.kind in "fb" else a
+    top = 65535 if k is None else int(k)
+    a = np.where((a < 0) | (a > top), 0, a)
+    return a.astype(np.uint8 if int(a.max(initial=0)) <= 255 and (k is None or k <= 255) else np.uint16)
+
+
+def _fallback_segs(path, case):
+    """The best output for a case that could not be segmented: its previous prediction (labels
+    above K dropped) or zeros of the image's shape; None when not even the shape is readable.
+    ``case``: what ``read_case`` returned, or None when it failed (then the file is read again
+    for imgs and prev_pred only, and last for the shape in the imgs header)."""
+    import numpy as np
+    from .io import imgs_shape, read_case
+    from .prompts import num_classes
+    k = None
+    if case is not None:
+        k = num_classes(case)
+    else:
+        try:
+            case = read_case(path, keys=("prev_pred",))
+        except Exception:
+            case = None
     if case is not None:
         prev = case.get("prev_pred")
-        if prev is not None:
-            return prev.astype(np.uint8 if prev.max(initial=0) <= 255 else np.uint16)
-        return np.zeros(case["imgs"].shape, np.uint8)
+        if prev is not None and prev.shape == case["imgs"].shape:
+            return _labels(prev, k)
+        return np.zeros(case["imgs"].shape, np.uint8 if k is None or k <= 255 else np.uint16)
     shape = imgs_shape(path)
     return None if shape is None else np.zeros(shape, np.uint8)
 
 
-def main(argv=None) -> int:
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+
+
+def main(argv=None, clock=None) -> int:
+    """Run the folder loop. ``clock``: a monotonic clock in seconds for the time budget (tests
+    inject a fake one; the budget of the first case then starts at its first reading)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="infer: %(message)s", stream=sys.stderr)
+    log.setLevel(logging.INFO)  # one summary line per case, whatever the root logger's level
+    start = T0 if clock is None else clock()
+    clock = clock or time.monotonic
     names = sorted(n for n in os.listdir(args.inputs) if n.endswith(".npz")) if os.path.isdir(args.inputs) else []
     if not names:
         log.error("no .npz cases in %s", args.inputs)
@@ -64,38 +99,43 @@ def main(argv=None) -> int:
     try:
         predictor = Predictor.from_path(args.weights, device=args.device, autozoom=not args.no_autozoom)
     except Exception as exc:
-        log.error("cannot load weights from %s: %s", args.weights, exc)
+        log.error("cannot load weights from %s: %s", args.weights, _one_line(exc))
         predictor = None
-    log.info("model ready on %s after %.2f s", predictor.device if predictor else "-", time.monotonic() - T0)
+    log.info("model ready on %s after %.2f s", predictor.device if predictor else "-", clock() - start)
 
     failures = 0
     for name in names:
         src, dst = os.path.join(args.inputs, name), os.path.join(args.outputs, name)
-        t_case = time.monotonic()
+        t_case = clock()
         case = segs = None
+        k, how = "?", "segmented"
         try:
             case = read_case(src)
+            k = num_classes(case)
             if predictor is None:
                 raise RuntimeError("no model loaded")
-            k = num_classes(case)
-            deadline = (T0 if name == names[0] else t_case) + args.seconds_per_class * max(k, 1)
-            segs = predictor.predict(case, deadline=deadline)
+            deadline = (start if name == names[0] else t_case) + args.seconds_per_class * max(k, 1)
+            segs = predictor.predict(case, deadline=deadline, clock=clock)
         except Exception as exc:
             failures += 1
-            log.error("%s: %s: %s", name, type(exc).__name__, exc)
+            log.error("%s: %s", name, _one_line(exc))
             try:
                 segs = _fallback_segs(src, case)
+                how = "fallback (previous mask or zeros)"
             except Exception as exc2:  # unreadable even for its shape
-                log.error("%s: no output possible: %s", name, exc2)
-        if segs is not None:
-            try:
-                write_segs(dst, segs)
-            except Exception as exc:
-                failures += 1
-                log.error("%s: writing %s failed: %s", name, dst, exc)
-                continue
-            log.info("%s: written (labels up to %d), %.2f s", name, int(segs.max(initial=0)), time.monotonic() - t_case)
-    log.info("done: %d case(s), %d problem(s), %.2f s in all", len(names), failures, time.monotonic() - T0)
+                log.error("%s: fallback failed: %s", name, _one_line(exc2))
+        if segs is None:
+            log.error("%s: no output: not even the image shape is readable", name)
+            continue
+        try:
+            write_segs(dst, segs)
+        except Exception as exc:
+            failures += 1
+            log.error("%s: no output: writing %s failed: %s", name, dst, _one_line(exc))
+            continue
+        log.info("%s: %s, K=%s, shape %s %s, labels up to %d, %.2f s", name, how, k,
+                 "x".join(map(str, segs.shape)), segs.dtype, int(segs.max(initial=0)), clock() - t_case)
+    log.info("done: %d case(s), %d problem(s), %.2f s in all", len(names), failures, clock() - start)
     return 0
 
 

@@ -7,9 +7,16 @@ and merge the classes by probability (background = product of (1 - p_c), label =
 three running volumes, whatever the number of classes. When the prediction touches a crop face
 that lies inside the volume, the crop is zoomed out (x1.5 steps up to ``max_zoom``) and predicted
 again, while the time budget allows.
+
+Guards: before every forward pass the predictor checks that the pass (timed on the previous
+one) still fits before the deadline, else it keeps what it has (the smaller-zoom result, or the
+class's previous mask). A device out-of-memory error retries the class at zoom 1 without
+autozoom, then (on a GPU) on the CPU; one on the whole case (image or merge volumes) reruns the
+case on the CPU.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from typing import Callable, Optional, Sequence, Tuple
@@ -98,6 +105,8 @@ class Predictor:
         self.half = self.device.type == "cuda"
         # the card names the network's input channels: image first, then prompt channels by name
         self.prompt_index = [CHANNELS.index(c) for c in card.channels[1:]]
+        self.forward_s = 0.0  # duration of the last forward pass (the ``clock`` given to predict)
+        self.cpu_fallback = self.device.type != "cpu"  # retry out-of-memory classes on the CPU
 
     @classmethod
     def from_path(cls, path, device: Optional[str] = None, **kw) -> "Predictor":
@@ -114,9 +123,22 @@ class Predictor:
 
         Returns ``segs``: (D, H, W) uint8 (uint16 when K > 255), labels 0..K. A class that fails
         keeps its previous mask (zeros in the box stage) and the error is logged. ``deadline``
-        (a ``clock()`` value): past it, remaining classes keep their previous masks and no
-        autozoom is tried.
+        (a ``clock()`` value): a forward pass that would end past it is not started; remaining
+        classes keep their previous masks and no autozoom is tried. A device out-of-memory error
+        outside the classes (the whole volume does not fit) reruns the case on the CPU.
         """
+        try:
+            return self._predict(case, deadline, clock)
+        except torch.OutOfMemoryError as exc:
+            if not self.cpu_fallback:
+                raise
+            log.warning("%s: device out of memory for the whole case (%s): running it on the CPU",
+                        case.get("name", "case"), _first_line(exc))
+        _free_device(self.device)
+        with self._on_cpu() as cpu:
+            return cpu._predict(case, deadline, clock)
+
+    def _predict(self, case: dict, deadline: Optional[float], clock: Callable[[], float]) -> np.ndarray:
         imgs = case["imgs"]
         shape = tuple(imgs.shape)
         k_total = num_classes(case)
@@ -132,17 +154,61 @@ class Predictor:
             merge = _Merge(shape, k_total, self.device)
             for k in range(1, k_total + 1):
                 prev_k = (prev_t == k) if prev_t is not None else None
-                late = deadline is not None and clock() > deadline
                 try:
-                    if late:
+                    if not self._fits(deadline, clock):
                         raise TimeoutError("time budget spent: keeping the previous mask")
                     prompts = class_prompts(case, k, self.card.box_style)
-                    region = self.predict_class(image, prompts, prev_k, deadline, clock)
+                    region = self._predict_class_guarded(image, prompts, prev_k, deadline, clock, name, k)
                 except Exception as exc:  # one class never stops the others
-                    log.error("%s: class %d: %s: %s", name, k, type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+                    log.error("%s: class %d: %s: %s", name, k, type(exc).__name__, _first_line(exc))
                     region = None
                 self._merge_class(merge, k, region, prev_k)
             return merge.result(k_total)
+
+    # ------------------------------------------------------------------ guards
+    def _fits(self, deadline: Optional[float], clock: Callable[[], float]) -> bool:
+        """Whether one more forward pass (as long as the last one) ends before ``deadline``."""
+        return deadline is None or clock() + self.forward_s <= deadline
+
+    def _predict_class_guarded(self, image, prompts, prev_k, deadline, clock, name, k) -> Optional[Region]:
+        """``predict_class`` with the out-of-memory ladder: as planned, then at zoom 1 without
+        autozoom on the same device, then (device not the CPU) at zoom 1 on the CPU."""
+        try:
+            return self.predict_class(image, prompts, prev_k, deadline, clock)
+        except torch.OutOfMemoryError as exc:
+            log.warning("%s: class %d: device out of memory (%s): retrying at zoom 1 without autozoom",
+                        name, k, _first_line(exc))
+        _free_device(self.device)
+        try:
+            return self.predict_class(image, prompts, prev_k, deadline, clock, max_zoom=1.0)
+        except torch.OutOfMemoryError as exc:
+            if not self.cpu_fallback:
+                raise
+            log.warning("%s: class %d: device out of memory again (%s): retrying on the CPU",
+                        name, k, _first_line(exc))
+        _free_device(self.device)
+        with self._on_cpu() as cpu:
+            region = cpu.predict_class(image.cpu(), prompts, None if prev_k is None else prev_k.cpu(),
+                                       deadline, clock, max_zoom=1.0)
+        return None if region is None else (region[0].to(self.device), region[1], region[2])
+
+    def _on_cpu(self):
+        """Context manager: a twin predictor on the CPU (float32) sharing this network, which is
+        moved to the CPU for the duration and back to the device afterwards."""
+        from contextlib import contextmanager
+
+        @contextmanager
+        def twin():
+            self.network.to("cpu")
+            try:
+                cpu = Predictor(self.network, self.card, torch.device("cpu"), autozoom=self.autozoom,
+                                max_zoom=self.max_zoom, context=self.context)
+                cpu.cpu_fallback = False
+                yield cpu
+                self.forward_s = max(self.forward_s, cpu.forward_s)
+            finally:
+                self.network.to(self.device)
+        return twin()
 
     # ------------------------------------------------------------------ steps
     def _merge_class(self, merge: _Merge, k: int, region: Optional[Region], prev_k: Optional[torch.Tensor]) -> None:
@@ -176,24 +242,42 @@ class Predictor:
         return list(c), zoom_for_extent(ext, self.patch, self.context, 1.0, self.max_zoom)
 
     def predict_class(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
-                      deadline: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> Optional[Region]:
+                      deadline: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+                      max_zoom: Optional[float] = None) -> Optional[Region]:
         """Predict one class. Returns ``(prob, lo, hi)``: foreground probability over the part
         ``[lo, hi)`` of the volume that the final crop covers, or None to keep the previous mask
-        (class marked done, or nothing to prompt with)."""
+        (class marked done, nothing to prompt with, or no time for a forward pass).
+
+        ``max_zoom`` given: the zoom is capped there and autozoom is off (the out-of-memory retry).
+        A device out-of-memory error during an autozoom step keeps the previous, smaller-zoom
+        result."""
         if prompts.done or (not prompts.clicks and prompts.extent is None):
             return None
         shape = tuple(image.shape)
+        autozoom = self.autozoom and max_zoom is None
+        max_zoom = self.max_zoom if max_zoom is None else min(max_zoom, self.max_zoom)
         center, zoom = self.initial_view(prompts, prev_k)
-        crop = make_crop(center, zoom, self.patch)
-        while True:
-            prob = self.forward(image, prompts, prev_k, crop)
-            zoom = max(crop.scale)
-            out_of_time = deadline is not None and clock() > deadline
-            if (not self.autozoom or zoom >= self.max_zoom - 1e-6 or out_of_time
-                    or not touches_border(prob > 0.5, crop, shape)):
+        crop = make_crop(center, min(zoom, max_zoom), self.patch)
+        prob = None
+        while self._fits(deadline, clock):
+            try:
+                t = clock()
+                new = self.forward(image, prompts, prev_k, crop)
+                self.forward_s = max(clock() - t, 0.0)
+            except torch.OutOfMemoryError:
+                if prob is None:
+                    raise
+                log.warning("device out of memory at zoom %.2f: keeping the smaller zoom", max(crop.scale))
+                _free_device(self.device)
                 break
-            crop = make_crop(center, min(zoom * 1.5, self.max_zoom), self.patch)
-        return patch_to_region(prob, crop, shape)
+            prob, last = new, crop
+            zoom = max(crop.scale)
+            if not autozoom or zoom >= max_zoom - 1e-6 or not touches_border(prob > 0.5, crop, shape):
+                break
+            crop = make_crop(center, min(zoom * 1.5, max_zoom), self.patch)
+        if prob is None:
+            raise TimeoutError("no time left for a forward pass: keeping the previous mask")
+        return patch_to_region(prob, last, shape)
 
     def forward(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                 crop: Crop) -> torch.Tensor:
@@ -211,3 +295,15 @@ class Predictor:
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
         return torch.softmax(logits[0].float(), 0)[1]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def _free_device(device: torch.device) -> None:
+    """Drop what an out-of-memory error left behind (its traceback's tensors) and the cache."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
