@@ -1,0 +1,113 @@
+"""``python -m train``: fine-tune (or train from scratch) with dynamic prompt generation.
+
+    python -m train --data DIR --init WEIGHTS|scratch --out DIR [--epochs N] [--config tiny|demo]
+                    [--steps-per-epoch N] [--batch-size 2] [--lr 1e-4] [--seed 0]
+                    [--val DIR [--val-n N]] [--device cpu|cuda] [--box-style 2d|3d] [--demo]
+
+``--data``: training npz files (``imgs``, ``gts``, ``spacing``: the organizer's training layout).
+``--init``: an nnInteractive release folder or a converted artifact (``infer.weights``), or
+``scratch`` for a fresh network of ``--config``. A run folder that already holds a checkpoint is
+resumed from it (``--init`` is then ignored); ``OUT/final`` is the artifact to use with
+``python -m infer --weights OUT/final``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from infer.card import DEFAULT_CHANNELS, ModelCard
+from infer.network import build_network
+from infer.weights import find_model_root, instantiate, read_artifact, read_release
+
+from .checkpoint import latest_checkpoint
+from .configs import CARD_DEFAULTS, CONFIGS, get_config
+from .data import load_folder
+from .loop import Trainer
+from .validate import make_validator
+
+
+def build_model(init: str, config: str, seed: int, box_style: str | None, demo: bool, source: str):
+    """-> (trainable network on CPU, ModelCard) from ``init`` ("scratch" or a weights path)."""
+    if init == "scratch":
+        cfg = get_config(config)
+        torch.manual_seed(seed)
+        net = build_network(cfg["architecture"], len(DEFAULT_CHANNELS), 2)
+        card = ModelCard(architecture=cfg["architecture"], input_channels=len(DEFAULT_CHANNELS),
+                         num_classes=2, patch_size=cfg["patch_size"],
+                         box_style=box_style or CARD_DEFAULTS["box_style"],
+                         click_radius=CARD_DEFAULTS["click_radius"],
+                         prompt_decay=CARD_DEFAULTS["prompt_decay"], demo=demo, source=source)
+        return net, card
+    kind, root = find_model_root(init)
+    sd, card = read_release(root) if kind == "release" else read_artifact(root)
+    net = instantiate(card, sd, "cpu")
+    card.box_style = box_style or card.box_style
+    card.demo = demo
+    card.weights_sha256 = None
+    card.source = f"{source}; initialised from {root}"
+    card.validate()
+    return net.train().requires_grad_(True), card
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    ap.add_argument("--data", required=True, help="folder of training npz files (imgs, gts, spacing)")
+    ap.add_argument("--init", required=True, help="weights folder (release or artifact) or 'scratch'")
+    ap.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, final/")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--config", choices=sorted(CONFIGS), default="demo",
+                    help="architecture and patch of a model trained from scratch")
+    ap.add_argument("--steps-per-epoch", type=int, default=250)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr-schedule", choices=("constant", "poly"), default="constant",
+                    help="constant (the recipe) or nnU-Net's poly decay over --epochs")
+    ap.add_argument("--weight-decay", type=float, default=3e-5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--p-box", type=float, default=0.5, help="probability that the first prompt is the box")
+    ap.add_argument("--p-second", type=float, default=0.5,
+                    help="probability of the second (simulated-click) step; 1.0 = always")
+    ap.add_argument("--no-sim-autozoom", action="store_true",
+                    help="second step: predict on the first crop only (cheaper on CPU)")
+    ap.add_argument("--p-zoom-out", type=float, default=0.0,
+                    help="probability of training on the crop the predictor's autozoom reaches")
+    ap.add_argument("--val", help="validation-layout folder (images/, gts/) for the per-epoch warm evaluation")
+    ap.add_argument("--val-n", type=int, default=None, help="use only the first N validation cases")
+    ap.add_argument("--val-clicks", type=int, default=5, help="click stages per validation case")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--box-style", choices=("2d", "3d"), default=None,
+                    help="box drawing of the trained model (default: the init card's; 2d from scratch)")
+    ap.add_argument("--demo", action="store_true", help="mark the model card as a demo model")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    cases = load_folder(a.data)
+    cmd = "python -m train " + " ".join(sys.argv[1:] if argv is None else argv)
+    source = f"trained with `{cmd}` ({time.strftime('%Y-%m-%d')})"
+    net, card = build_model(a.init, a.config, a.seed, a.box_style, a.demo, source)
+    validate = make_validator(a.val, a.val_n, a.val_clicks) if a.val else None
+    trainer = Trainer(net, card, cases, a.out, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
+                      batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay, seed=a.seed,
+                      p_box=a.p_box, p_second=a.p_second, device=a.device, validate=validate,
+                      progress=not a.no_progress,
+                      sim_autozoom=not a.no_sim_autozoom, p_zoom_out=a.p_zoom_out)
+    if latest_checkpoint(a.out) is not None:
+        trainer.resume()
+        print(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored",
+              file=sys.stderr)
+    print(f"{len(cases)} training cases, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
+          f"parameters, patch {list(card.patch_size)}, device {trainer.device}", file=sys.stderr)
+    t0 = time.time()
+    final = trainer.fit()
+    print(f"done in {time.time() - t0:.0f} s: {final}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

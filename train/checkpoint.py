@@ -1,0 +1,93 @@
+"""Per-epoch checkpoints: an ``infer``-loadable artifact plus the optimizer state, written atomically.
+
+Layout of a run folder ``OUT``::
+
+    OUT/epoch_0003/model_card.json   the model card (infer.card.ModelCard, with weights_sha256)
+    OUT/epoch_0003/weights.pt        plain dict of tensors (infer.convert.write_artifact)
+    OUT/epoch_0003/train_state.pt    optimizer / grad-scaler state, epoch, step (plain containers)
+    OUT/latest                       text: the name of the newest complete checkpoint folder
+    OUT/final/                       the artifact (card + weights) of the last epoch, once done
+
+A checkpoint folder is filled under a temporary name and renamed into place, then ``latest`` is
+replaced (``os.replace``): an interrupted write leaves the previous checkpoint and ``latest``
+untouched. Every file is read back with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from infer.card import ModelCard
+from infer.convert import write_artifact
+from infer.weights import read_artifact
+
+LATEST = "latest"
+STATE_FILE = "train_state.pt"
+
+
+def epoch_dir_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def save_checkpoint(out, epoch: int, state_dict: dict, card: ModelCard, train_state: dict,
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``epoch`` (number of completed epochs) into ``out``; returns its folder.
+
+    ``train_state``: plain containers of tensors / numbers / strings (optimizer.state_dict() etc.).
+    Older epoch folders beyond the newest ``keep`` are removed.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    final = out / epoch_dir_name(epoch)
+    tmp = out / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_artifact(tmp, {k: v.detach().cpu() for k, v in state_dict.items()}, card)
+        torch.save(train_state, tmp / STATE_FILE)
+        if final.exists():  # a re-run of the same epoch: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    pointer = out / f".{LATEST}.tmp-{os.getpid()}"
+    pointer.write_text(final.name + "\n", encoding="utf-8")
+    os.replace(pointer, out / LATEST)
+    olds = sorted(p for p in out.glob("epoch_*") if p.is_dir() and p.name != final.name)
+    for p in olds[: max(0, len(olds) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out) -> Path | None:
+    """The folder ``OUT/latest`` names, or None when there is no complete checkpoint."""
+    p = Path(out) / LATEST
+    if not p.is_file():
+        return None
+    folder = Path(out) / p.read_text(encoding="utf-8").strip()
+    return folder if (folder / STATE_FILE).is_file() else None
+
+
+def load_checkpoint(folder) -> tuple[dict, ModelCard, dict]:
+    """-> (state dict, card, train_state) of a checkpoint folder."""
+    folder = Path(folder)
+    sd, card = read_artifact(folder)
+    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+    return sd, card, state
+
+
+def export_final(out, state_dict: dict, card: ModelCard) -> Path:
+    """Write the artifact ``OUT/final`` (card + weights, no training state), atomically."""
+    out = Path(out)
+    final = out / "final"
+    tmp = out / f".tmp-final-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_artifact(tmp, {k: v.detach().cpu() for k, v in state_dict.items()}, card)
+    old = out / f".old-final-{os.getpid()}"
+    if final.exists():
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final

@@ -1,0 +1,55 @@
+"""Training cases: npz files in the organizer's training layout (``imgs``, ``gts``, ``spacing``).
+
+Files are read with ``allow_pickle=False`` (the training layout holds plain arrays only) and kept in
+memory: the synthetic sets and the fine-tuning sets this is meant for are small. Arrays are
+(D, H, W), axis order (z, y, x).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Case:
+    name: str
+    imgs: np.ndarray      # (D, H, W), as stored (uint8 for the organizer's data)
+    gts: np.ndarray       # (D, H, W) integer labels, 0 = background
+    spacing: tuple        # (z, y, x) mm
+    labels: tuple         # foreground labels present in gts
+
+
+def load_case(path) -> Case:
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:
+        if "imgs" not in z.files or "gts" not in z.files:
+            raise ValueError(f"{path}: a training file needs 'imgs' and 'gts' (has {z.files})")
+        imgs, gts = z["imgs"], z["gts"]
+        spacing = tuple(float(s) for s in z["spacing"]) if "spacing" in z.files else (1.0, 1.0, 1.0)
+    if imgs.shape != gts.shape or imgs.ndim != 3:
+        raise ValueError(f"{path}: imgs {imgs.shape} and gts {gts.shape} must be the same 3D shape")
+    labels = tuple(int(v) for v in np.unique(gts) if v != 0)
+    return Case(path.name, imgs, gts, spacing, labels)
+
+
+def load_folder(folder, limit: int | None = None) -> list[Case]:
+    """All ``*.npz`` training files of ``folder`` (sorted by name) that hold a foreground label."""
+    files = sorted(Path(folder).glob("*.npz"))
+    if limit is not None:
+        files = files[:limit]
+    cases = [load_case(f) for f in files]
+    cases = [c for c in cases if c.labels]
+    if not cases:
+        raise ValueError(f"no training case with a foreground label in {folder}")
+    return cases
+
+
+def epoch_plan(cases: list[Case], n_examples: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """``n_examples`` (case index, label) pairs: cases cycled in a shuffled order, one label drawn
+    uniformly per example."""
+    order = []
+    while len(order) < n_examples:
+        order.extend(rng.permutation(len(cases)).tolist())
+    return [(i, int(rng.choice(cases[i].labels))) for i in order[:n_examples]]

@@ -1,0 +1,168 @@
+"""The training loop: batches of simulated examples, 10 x Dice + CE, AdamW, per-epoch checkpoints.
+
+``Trainer(...).fit()`` trains ``epochs`` epochs of ``steps_per_epoch`` batches. Example sampling
+for epoch ``e`` draws from ``np.random.default_rng([seed, e])`` only, so a run resumed from the
+checkpoint of epoch ``e`` (network weights, optimizer and grad-scaler state, epoch counter) takes
+exactly the steps an uninterrupted run takes. An epoch interrupted half-way is redone from its
+start. After each epoch an optional ``validate(predictor) -> dict`` runs (the warm evaluation),
+its numbers go to ``OUT/log.jsonl`` with the epoch's mean loss.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from infer.card import ModelCard
+from infer.predictor import Predictor, normalize_image
+
+from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import Case, epoch_plan
+from .loss import dice_ce_loss
+from .simulate import simulate_example
+
+
+class Trainer:
+    def __init__(self, network: torch.nn.Module, card: ModelCard, cases: list[Case], out,
+                 epochs: int = 10, steps_per_epoch: int = 100, batch_size: int = 2,
+                 lr: float = 1e-4, weight_decay: float = 3e-5, seed: int = 0,
+                 p_box: float = 0.5, p_second: float = 0.5, dice_weight: float = 10.0,
+                 lr_schedule: str = "constant", device: Optional[str] = None,
+                 amp: Optional[bool] = None,
+                 validate: Optional[Callable[[Predictor], dict]] = None, progress: bool = True,
+                 keep: int = 2, sim_autozoom: bool = True, p_zoom_out: float = 0.0):
+        self.device = torch.device(device) if device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.network = network.to(self.device).train().requires_grad_(True)
+        self.card = card
+        self.cases = cases
+        self.out = Path(out)
+        self.epochs, self.steps_per_epoch, self.batch_size = int(epochs), int(steps_per_epoch), int(batch_size)
+        self.seed = int(seed)
+        self.p_box, self.p_second, self.dice_weight = float(p_box), float(p_second), float(dice_weight)
+        self.validate = validate
+        self.progress = progress
+        self.keep = keep
+        self.amp = (self.device.type == "cuda") if amp is None else bool(amp and self.device.type == "cuda")
+        if lr_schedule not in ("constant", "poly"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'poly', not {lr_schedule!r}")
+        self.lr, self.lr_schedule = float(lr), lr_schedule
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=lr, weight_decay=weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        # the predictor's own per-class path, sharing the network being trained; the no-grad
+        # first prediction of the second step may skip autozoom (sim_autozoom=False) to save the
+        # extra forward passes an untrained network's everywhere-positive output triggers
+        self.predictor = Predictor(self.network, card, self.device, autozoom=True)
+        self.sim_autozoom = bool(sim_autozoom)
+        self.p_zoom_out = float(p_zoom_out)
+        self.network.train()
+        self.epoch = 0   # completed epochs
+        self.step = 0    # optimizer steps taken
+        self.after_step: Optional[Callable[[int, int], None]] = None  # hook (epoch, step_in_epoch)
+
+    # ------------------------------------------------------------------ resume
+    def resume(self) -> bool:
+        """Load ``OUT``'s newest complete checkpoint if there is one; True when loaded."""
+        folder = latest_checkpoint(self.out)
+        if folder is None:
+            return False
+        sd, card, state = load_checkpoint(folder)
+        self.network.load_state_dict(sd, strict=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.card = card
+        self.predictor.card = card
+        return True
+
+    # ------------------------------------------------------------------ one batch
+    def make_batch(self, plan, rng: np.random.Generator):
+        xs, ts = [], []
+        for ci, label in plan:
+            case = self.cases[ci]
+            gt = case.gts == label
+            image = normalize_image(case.imgs, self.device)
+            ex = simulate_example(self.predictor, case.imgs, gt, rng, self.p_box, self.p_second, image,
+                                  autozoom=self.sim_autozoom, p_zoom_out=self.p_zoom_out)
+            xs.append(ex.x)
+            ts.append(ex.target)
+        return torch.stack(xs), torch.stack(ts)
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor) -> float:
+        self.network.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
+            logits = self.network(x)
+        loss = dice_ce_loss(logits, target, self.dice_weight)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.step += 1
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------ epochs
+    def epoch_lr(self, epoch: int) -> float:
+        """Learning rate of epoch ``epoch`` (0-based): constant, or nnU-Net's poly decay
+        ``lr * (1 - epoch / epochs) ** 0.9``."""
+        if self.lr_schedule == "poly":
+            return self.lr * (1 - epoch / self.epochs) ** 0.9
+        return self.lr
+
+    def train_epoch(self) -> float:
+        e = self.epoch
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.epoch_lr(e)
+        rng = np.random.default_rng([self.seed, e])
+        plan = epoch_plan(self.cases, self.steps_per_epoch * self.batch_size, rng)
+        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {e + 1}/{self.epochs}",
+                   disable=not self.progress, dynamic_ncols=True, mininterval=2.0)
+        total, running = 0.0, None
+        for i in bar:
+            x, t = self.make_batch(plan[i * self.batch_size:(i + 1) * self.batch_size], rng)
+            loss = self.train_step(x, t)
+            total += loss
+            running = loss if running is None else 0.95 * running + 0.05 * loss
+            bar.set_postfix(loss=f"{running:.3f}")
+            if self.after_step is not None:
+                self.after_step(e, i)
+        return total / max(self.steps_per_epoch, 1)
+
+    def state(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict() if self.amp else {},
+                "epoch": self.epoch, "step": self.step, "seed": self.seed}
+
+    def fit(self) -> Path:
+        """Train until ``epochs`` epochs are complete (continuing a resumed run); returns OUT/final."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        while self.epoch < self.epochs:
+            t0 = time.time()
+            mean_loss = self.train_epoch()
+            self.epoch += 1
+            save_checkpoint(self.out, self.epoch, self.network.state_dict(), self.card, self.state(),
+                            keep=self.keep)
+            record = {"epoch": self.epoch, "step": self.step, "loss": mean_loss,
+                      "lr": self.epoch_lr(self.epoch - 1),
+                      "train_s": round(time.time() - t0, 1)}
+            if self.validate is not None:
+                t1 = time.time()
+                self.network.eval()
+                record.update(self.validate(self.predictor))
+                self.network.train()
+                record["val_s"] = round(time.time() - t1, 1)
+            with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                    for k, v in record.items()}) + "\n")
+            if self.progress:
+                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v)
+                                    else f"{k}={v}" for k, v in record.items()))
+        return export_final(self.out, self.network.state_dict(), self.card)

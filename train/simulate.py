@@ -1,0 +1,162 @@
+"""Prompt simulation for training ("dynamic prompt generation").
+
+One training example for one class of one case, built exactly as inference sees it:
+
+1. First interaction: with probability ``p_box`` the organizer's box (``scripts.synthetic.box_for_mask``:
+   ``z_min..z_max`` and a jittered 2D box on ``z_mid``), otherwise one click from the empty
+   prediction (``evaluation.clicks.next_click`` against an all-zero mask: the centre of the largest
+   ground-truth component, always a foreground click).
+2. With probability ``p_second``, a second step: the network is run without gradients through the
+   predictor's own per-class path (``Predictor.predict_class``: crop choice, autozoom, resampling
+   back into the volume), the organizer's click is placed on that prediction
+   (``evaluation.clicks.next_click``: largest 26-connected error component, maximum-EDT voxel,
+   fg/bg by the truth), and the previous-mask and click channels are updated (prompts rebuilt with
+   ``infer.prompts.class_prompts`` from a case dict in the harness's form). Without the second
+   step (or when the first prediction is already perfect) the example trains on the first
+   interaction with an empty previous mask, which is what the box stage and the first click of a
+   no-box case feed the model.
+3. The example is the network input for the final prompts on the crop the predictor would choose
+   (``Predictor.initial_view``; with probability ``p_zoom_out`` the crop its autozoom reaches
+   after one or two x1.5 steps), and the ground truth resampled onto that crop.
+
+Everything is in (z, y, x) voxel order of ``imgs``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from evaluation.clicks import Click, ClickState, next_click
+from infer.geometry import Crop, crop_to_patch, make_crop
+from infer.predictor import Predictor
+from infer.prompts import ClassPrompts, class_prompts, encode
+from scripts.synthetic import box_for_mask
+
+
+@dataclass
+class Example:
+    """``x`` (C, *patch) float32 network input; ``target`` (*patch) float32 in {0, 1}.
+
+    ``first``: "box" or "click"; ``click``: the second-step click (None without a second step);
+    ``first_pred``: (D, H, W) bool prediction the second-step click was placed on (else None);
+    ``crop``: the crop ``x`` was sampled on; ``prompts``: the final prompts."""
+    x: torch.Tensor
+    target: torch.Tensor
+    first: str
+    click: Optional[Click]
+    first_pred: Optional[np.ndarray]
+    crop: Crop
+    prompts: ClassPrompts
+
+
+def make_input(predictor: Predictor, image: torch.Tensor, prompts: ClassPrompts,
+               prev_k: Optional[torch.Tensor], crop: Crop) -> torch.Tensor:
+    """The network input of ``Predictor.forward`` for one class on ``crop``: (C, *patch) float32 =
+    [image resampled to the patch, the prompt channels of ``infer.prompts.encode`` in the card's
+    channel order]. Uses ``Predictor.make_input`` when the predictor has it."""
+    if hasattr(predictor, "make_input"):
+        x = predictor.make_input(image, prompts, prev_k, crop)
+        return x[0] if x.dim() == 5 else x
+    img = crop_to_patch(image, crop)
+    card = predictor.card
+    chans = encode(prompts, crop, prev_k, int(round(card.click_radius)), card.prompt_decay,
+                   predictor.device)
+    index = getattr(predictor, "prompt_index", None)
+    if index is not None and list(index) != list(range(chans.shape[0])):
+        chans = chans[index]
+    return torch.cat([img[None], chans], 0)
+
+
+def first_view(predictor: Predictor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor]):
+    """(centre, zoom) of the first crop ``Predictor.predict_class`` takes for these prompts."""
+    return predictor.initial_view(prompts, prev_k)
+
+
+def training_crop(predictor: Predictor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
+                  zoom_steps: int = 0) -> Crop:
+    """The predictor's first crop, or (``zoom_steps`` > 0) the crop its autozoom reaches after
+    that many x1.5 steps (same centre, zoom capped at ``predictor.max_zoom``)."""
+    center, zoom = first_view(predictor, prompts, prev_k)
+    crop = make_crop(center, zoom, predictor.patch)
+    for _ in range(zoom_steps):
+        crop = make_crop(center, min(max(crop.scale) * 1.5, predictor.max_zoom), predictor.patch)
+    return crop
+
+
+def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickState]) -> dict:
+    """A one-class case dict as ``infer.io.read_case`` returns it for the harness's inputs."""
+    case = {"imgs": imgs, "boxes": [box] if box is not None else None, "clicks": None,
+            "clicks_order": None}
+    if state is not None:
+        case["clicks"] = [{"fg": [list(map(int, p)) for p in state.clicks[0]["fg"]],
+                           "bg": [list(map(int, p)) for p in state.clicks[0]["bg"]]}]
+        case["clicks_order"] = [list(state.clicks_order[0])]
+    return case
+
+
+def predict_volume(predictor: Predictor, image: torch.Tensor, prompts: ClassPrompts,
+                   prev_k: Optional[torch.Tensor], autozoom: bool = True) -> np.ndarray:
+    """The predictor's binary prediction of one class over the whole volume, (D, H, W) bool
+    (``autozoom=False``: the first crop only, no zooming out)."""
+    shape = tuple(image.shape)
+    pred = np.zeros(shape, dtype=bool)
+    was_training, was_zooming = predictor.network.training, predictor.autozoom
+    predictor.network.eval()
+    predictor.autozoom = was_zooming and autozoom
+    try:
+        with torch.no_grad():
+            region = predictor.predict_class(image, prompts, prev_k)
+    finally:
+        predictor.network.train(was_training)
+        predictor.autozoom = was_zooming
+    if region is not None:
+        prob, lo, hi = region
+        pred[tuple(slice(l, h) for l, h in zip(lo, hi))] = (prob > 0.5).cpu().numpy()
+    return pred
+
+
+def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
+                     p_box: float = 0.5, p_second: float = 0.5,
+                     image: Optional[torch.Tensor] = None, autozoom: bool = True,
+                     p_zoom_out: float = 0.0) -> Example:
+    """One training example for the binary object ``gt`` ((D, H, W) bool, non-empty) of ``imgs``.
+
+    ``image``: ``infer.predictor.normalize_image(imgs)`` when the caller already has it.
+    ``autozoom``: let the no-grad first prediction zoom out as the predictor does (default).
+    ``p_zoom_out``: probability that the trained-on crop is the one the predictor's autozoom
+    reaches after one or two x1.5 steps (equally likely) instead of its first crop, so that the
+    network also learns the zoomed-out views autozoom feeds it at inference.
+    Random draws, in this order: box or click (``p_box``), box jitter (box only), second step
+    (``p_second``), zoom-out (``p_zoom_out``, then the number of steps).
+    """
+    dev = predictor.device
+    if image is None:
+        from infer.predictor import normalize_image
+        image = normalize_image(imgs, dev)
+    style = predictor.card.box_style
+    if rng.random() < p_box:
+        first, box, state = "box", box_for_mask(gt, rng), None
+    else:
+        first, box, state = "click", None, ClickState.empty(1)
+        state.add(0, next_click(np.zeros_like(gt), gt))
+    prompts = class_prompts(harness_case(imgs, box, state), 1, style)
+    prev_k = None
+    click, first_pred = None, None
+    if rng.random() < p_second:
+        pred = predict_volume(predictor, image, prompts, None, autozoom)
+        click = next_click(pred, gt)
+        if click is not None:
+            first_pred = pred
+            state = state or ClickState.empty(1)
+            state.add(0, click)
+            prompts = class_prompts(harness_case(imgs, box, state), 1, style)
+            prev_k = torch.from_numpy(pred).to(dev)
+    steps = int(rng.integers(1, 3)) if rng.random() < p_zoom_out else 0
+    crop = training_crop(predictor, prompts, prev_k, steps)
+    with torch.no_grad():
+        x = make_input(predictor, image, prompts, prev_k, crop)
+        target = (crop_to_patch(torch.from_numpy(gt).to(dev, torch.float32), crop) > 0.5).float()
+    return Example(x, target, first, click, first_pred, crop, prompts)

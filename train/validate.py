@@ -1,0 +1,75 @@
+"""Validation through the warm evaluation (``evaluation.runner``): the organizer's stages, in process.
+
+Held-out cases in the validation layout (``DIR/images/*.npz`` with ``imgs``, ``spacing``, optional
+``boxes``; ``DIR/gts/*.npz`` with ``gts``) are run through ``evaluate_case`` with a
+``WarmRunner`` wrapping the predictor being trained: box stage (when the case has boxes), then
+``n_clicks`` click stages placed by ``evaluation.clicks``, each scored by ``evaluation.metrics``.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from evaluation.runner import WarmRunner, evaluate_case
+
+
+def val_pairs(folder, limit: Optional[int] = None) -> list[tuple[Path, Path]]:
+    """(image file, ground-truth file) pairs of a validation-layout folder, sorted by name."""
+    folder = Path(folder)
+    images = sorted((folder / "images").glob("*.npz"))
+    pairs = [(p, folder / "gts" / p.name) for p in images if (folder / "gts" / p.name).is_file()]
+    if not pairs:
+        raise ValueError(f"{folder}: no images/*.npz with a matching gts/*.npz")
+    return pairs[:limit] if limit is not None else pairs
+
+
+def _mean(values) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate(predict: Callable, pairs, n_clicks: int = 5, workdir=None) -> dict:
+    """Run the warm evaluation of ``predict`` (case dict -> segs) on ``pairs``; summary dict:
+
+    ``box_dsc``: mean box-stage DSC over cases with boxes; ``final_dsc``: mean DSC of the last
+    stage; ``final_dsc_box`` / ``final_dsc_nobox``: the same per kind of case; ``click1_dsc_nobox``:
+    mean DSC of the first click stage of no-box cases; ``dsc_auc``: mean DSC AUC; ``results``: the
+    per-case ``CaseResult`` list (dropped by :func:`make_validator`).
+    """
+    own = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="val-")) if own else Path(workdir)
+    runner = WarmRunner(predict, log=lambda *a: None)
+    try:
+        results = [evaluate_case(img, gt, runner, workdir / img.stem, log=lambda *a: None,
+                                 n_clicks=n_clicks) for img, gt in pairs]
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    boxed = [r for r in results if r.has_boxes]
+    nobox = [r for r in results if not r.has_boxes]
+    return {
+        "box_dsc": _mean(r.dsc[0] for r in boxed),
+        "final_dsc": _mean(r.dsc[n_clicks] for r in results),
+        "final_dsc_box": _mean(r.dsc[n_clicks] for r in boxed),
+        "final_dsc_nobox": _mean(r.dsc[n_clicks] for r in nobox),
+        "click1_dsc_nobox": _mean(r.dsc[1] for r in nobox) if n_clicks >= 1 else float("nan"),
+        "dsc_auc": _mean(r.dsc_auc for r in results) if n_clicks == 5 else float("nan"),
+        "results": results,
+    }
+
+
+def make_validator(folder, limit: Optional[int] = None, n_clicks: int = 5) -> Callable:
+    """``validate(predictor) -> dict`` for ``Trainer``: the summary of :func:`evaluate`."""
+    pairs = val_pairs(folder, limit)
+
+    def validate(predictor) -> dict:
+        summary = evaluate(predictor.predict, pairs, n_clicks=n_clicks)
+        summary.pop("results")
+        return {f"val_{k}": v for k, v in summary.items()}
+
+    return validate
