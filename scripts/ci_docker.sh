@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# CI, real Docker: make Docker usable, then run the image's end-to-end test, which builds the
+# demo image with ./build.sh --demo, loads the tarball, runs every sample case's stages with the
+# organizer's command through `python -m evaluation --docker`, and checks the image.
+# Needs root on a machine without Docker (the set-up installs and starts it) and the venv that
+# .ci/run makes (.venv; PYTHON overrides). Prints how long each part took.
+#   usage: bash scripts/ci_docker.sh [DOCKER_SETUP_SCRIPT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+SETUP=${1:-../shared/docker/offline-docker.sh}
+start=$(date +%s)
+
+if docker info >/dev/null 2>&1; then
+    echo "ci_docker: Docker answers already"
+elif [ -f "$SETUP" ]; then
+    bash "$SETUP"
+else
+    echo "ci_docker: Docker does not answer and there is no set-up script at $SETUP" >&2
+    exit 1
+fi
+setup_done=$(date +%s)
+echo "ci_docker: Docker set-up took $((setup_done - start)) s"
+
+"$PY" -m pytest -q -m docker -rs -p no:cacheprovider tests/test_docker_e2e.py
+end=$(date +%s)
+echo "ci_docker: image end-to-end test took $((end - setup_done)) s; total $((end - start)) s"
