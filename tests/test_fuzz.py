@@ -325,6 +325,14 @@ def _mixed_folder(folder: Path) -> dict:
                             ("none", 0), 1, (12, 30, 30)),
         "e_float_nan.npz": (dict(good, imgs=np.full((1, 7, 9), np.nan, np.float32)), ("none", 0), 1, (1, 7, 9)),
         "f_no_prompts.npz": ({"imgs": good["imgs"]}, ("none", 0), 0, (12, 30, 30)),
+        # K = 0 (empty boxes) but a previous mask labelled 3: nothing above K survives
+        "g_prev_above_k.npz": ({"imgs": good["imgs"], "boxes": [], "prev_pred": np.full((12, 30, 30), 3, np.uint8)},
+                               ("none", 0), 0, (12, 30, 30)),
+        # malformed clicks and a float previous mask holding NaN, -1 and 2: labels 0 and 2
+        "h_float_prev_bad_clicks.npz": (
+            {"imgs": good["imgs"], "clicks": "abc",
+             "prev_pred": np.resize(np.array([np.nan, -1.0, 2.0, 0.0], np.float32), (12, 30, 30))},
+            ("none", 0), 2, (12, 30, 30)),
     }
     for name, (members, corruption, _, _) in specs.items():
         write_case(folder / name, members, corruption)
@@ -346,6 +354,8 @@ def test_command_line_on_a_folder_of_mixed_trouble(weights, tmp_path):
     assert (tmp_path / "out" / "b_truncated.npz").exists()  # shape from the local zip header
     with np.load(tmp_path / "out" / "d_bad_boxes.npz") as z:  # malformed prompt: previous mask kept
         assert (z["segs"] == 1).all()
+    with np.load(tmp_path / "out" / "h_float_prev_bad_clicks.npz") as z:
+        assert np.array_equal(z["segs"], np.resize(np.array([0, 0, 2, 0], np.uint8), (12, 30, 30)))
     assert not (tmp_path / "out" / "c_garbage.npz").exists()
 
 
