@@ -77,8 +77,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv=None, clock=None) -> int:
-    """Run the folder loop. ``clock``: a monotonic clock in seconds for the time budget (tests
-    inject a fake one; the budget of the first case then starts at its first reading)."""
+    """Run the folder loop. ``clock``: a monotonic clock in seconds for the time budget. Default:
+    time.monotonic, and the first case's budget counts from process start (module import), so
+    in-process callers should pass a large ``--seconds-per-class`` or their own clock, whose first
+    reading then starts the budget."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="infer: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)  # one summary line per case, whatever the root logger's level
