@@ -78,7 +78,7 @@ ROWS = [
     ("download", "label map to host"),
     ("write", "output write"),
     ("total", "total (spawn to written)"),
-    ("exit", "process wall (spawn to exit)"),
+    ("exit", "probe wall (+ warm runs, exit)"),
     ("warm_forward", "warm forward per class"),
     ("warm_case", "warm predict (whole case)"),
     ("peak_mem", "peak device memory"),
@@ -99,16 +99,20 @@ T_START = time.time()
 import json, os, sys
 cfg = json.loads(os.environ["INFER_BENCH_PROBE"])
 out = {"t_start": T_START}
+# the order of python -m infer: its __main__ module (stdlib only; it may set up the environment
+# that torch reads when loaded), then torch, then the rest of infer
+t = time.perf_counter()
+import infer.__main__
+t_main = time.perf_counter() - t
 t = time.perf_counter()
 import torch
 out["import_torch"] = time.perf_counter() - t
 t = time.perf_counter()
-import infer.__main__
 from infer.io import read_case, write_segs
 from infer.predictor import Predictor
 from infer.prompts import num_classes
 import infer.predictor as P
-out["import_infer"] = time.perf_counter() - t
+out["import_infer"] = time.perf_counter() - t + t_main
 dev = torch.device(cfg["device"])
 def sync():
     if dev.type == "cuda":
@@ -187,8 +191,9 @@ def run_probe(case: Path, weights: Path, device: str, warm: int, output: Path) -
     """One cold probe process: returns the per-step timings (seconds) described in the module doc."""
     cfg = {"case": str(case), "weights": str(weights), "device": device, "warm": warm, "output": str(output)}
     t_spawn = time.time()
+    # cwd: a scratch folder, so that no ``infer`` folder in the caller's directory shadows REPO's
     proc = subprocess.run([sys.executable, "-c", PROBE], env=_env({"INFER_BENCH_PROBE": json.dumps(cfg)}),
-                          capture_output=True, text=True)
+                          cwd=str(Path(output).parent), capture_output=True, text=True)
     t_exit = time.time()
     line = [l for l in proc.stdout.splitlines() if l.startswith("INFER_BENCH ")]
     if proc.returncode != 0 or not line:
@@ -250,7 +255,7 @@ def cold_stage_pairs(case: Path, weights: Path, device: str, repeats: int, work:
                   "--device", device]
     bare, stage = [], []
     for _ in range(repeats):
-        bare.append(_wall([sys.executable, "-c", "import torch"]))
+        bare.append(_wall([sys.executable, "-c", "import torch"], cwd=str(work)))
         shutil.rmtree(outputs, ignore_errors=True)
         stage.append(_wall(stage_cmd, env=env, cwd=str(work)))
         if not (outputs / case.name).is_file():
