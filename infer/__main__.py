@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time budget of one stage per class, from process start (the harness allows 90 s "
                         "per class for all six stages together; default 14)")
     p.add_argument("--no-autozoom", action="store_true", help="never zoom out and predict again")
+    p.add_argument("--no-refine", action="store_true",
+                   help="keep zoomed-out predictions as they are (no full-resolution refinement patches)")
     p.add_argument("--threads", type=int, default=int(env("INFER_THREADS", "0")), help="CPU threads (0: all cores)")
     return p.parse_args(argv)
 
@@ -99,7 +101,8 @@ def main(argv=None, clock=None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     try:
-        predictor = Predictor.from_path(args.weights, device=args.device, autozoom=not args.no_autozoom)
+        predictor = Predictor.from_path(args.weights, device=args.device, autozoom=not args.no_autozoom,
+                                           refine=not args.no_refine)
     except Exception as exc:
         log.error("cannot load weights from %s: %s", args.weights, _one_line(exc))
         predictor = None

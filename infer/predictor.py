@@ -94,7 +94,8 @@ class Predictor:
     """
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, device: Optional[str | torch.device] = None,
-                 autozoom: bool = True, max_zoom: float = 4.0, context: float = 1 / 3):
+                 autozoom: bool = True, max_zoom: float = 4.0, context: float = 1 / 3,
+                 refine: bool = True, max_refine_patches: int = 8):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.network = network.to(self.device).eval()
         self.card = card
@@ -102,6 +103,8 @@ class Predictor:
         self.autozoom = autozoom
         self.max_zoom = float(max_zoom)
         self.context = float(context)
+        self.refine = refine
+        self.max_refine_patches = int(max_refine_patches)
         self.half = self.device.type == "cuda"
         # the card names the network's input channels: image first, then prompt channels by name
         self.prompt_index = [CHANNELS.index(c) for c in card.channels[1:]]
@@ -202,7 +205,8 @@ class Predictor:
             self.network.to("cpu")
             try:
                 cpu = Predictor(self.network, self.card, torch.device("cpu"), autozoom=self.autozoom,
-                                max_zoom=self.max_zoom, context=self.context)
+                                max_zoom=self.max_zoom, context=self.context, refine=self.refine,
+                                max_refine_patches=self.max_refine_patches)
                 cpu.cpu_fallback = False
                 yield cpu
                 self.forward_s = max(self.forward_s, cpu.forward_s)
@@ -277,7 +281,54 @@ class Predictor:
             crop = make_crop(center, min(zoom * 1.5, max_zoom), self.patch)
         if prob is None:
             raise TimeoutError("no time left for a forward pass: keeping the previous mask")
-        return patch_to_region(prob, last, shape)
+        region = patch_to_region(prob, last, shape)
+        if self.refine and max(last.scale) > 1 + 1e-6:
+            region = self.refine_region(image, prompts, prev_k, region, deadline, clock)
+        return region
+
+    def refine_region(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
+                      region: Region, deadline: Optional[float] = None,
+                      clock: Callable[[], float] = time.monotonic) -> Region:
+        """Full-resolution refinement of a zoomed-out prediction (optional work, as nnInteractive's
+        AutoZoom does): patches at zoom 1 tile the coarse object's bounding box, each predicted with
+        the coarse mask as its previous mask, and overwrite the coarse probabilities they cover.
+        Skipped when the object needs more than ``max_refine_patches`` patches; stops when the
+        time budget runs out (the coarse values stay)."""
+        vals, lo, hi = region
+        box = bbox_of(vals > 0.5)
+        if box is None:
+            return region
+        blo = [lo[a] + box[0][a] for a in range(3)]
+        bhi = [lo[a] + box[1][a] for a in range(3)]
+        starts = []
+        for a in range(3):
+            ext, p = bhi[a] - blo[a], self.patch[a]
+            n = max(1, -(-ext // max(int(p * 0.8), 1)))  # ceil: tiles overlap by a fifth at least
+            span = max(ext - p, 0)
+            starts.append([blo[a] + (round(span * i / (n - 1)) if n > 1 else (ext - p) // 2) for i in range(n)])
+        tiles = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
+        if len(tiles) > self.max_refine_patches:
+            return region
+        shape = tuple(image.shape)
+        coarse = torch.zeros(shape, dtype=torch.bool, device=self.device) if prev_k is None else prev_k.clone()
+        coarse[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = vals > 0.5
+        out = vals.clone()
+        for t in tiles:
+            if not self._fits(deadline, clock):
+                break
+            crop = Crop(lo=tuple(t), size=self.patch, patch=self.patch)
+            t0 = clock()
+            prob = self.forward(image, prompts, coarse, crop)
+            self.forward_s = max(clock() - t0, 0.0)
+            pv, plo, phi = patch_to_region(prob, crop, shape)
+            # the tile's part inside the coarse region
+            a0 = [max(plo[a], lo[a]) for a in range(3)]
+            a1 = [min(phi[a], hi[a]) for a in range(3)]
+            if any(e <= b for b, e in zip(a0, a1)):
+                continue
+            out[tuple(slice(a0[a] - lo[a], a1[a] - lo[a]) for a in range(3))] = \
+                pv[tuple(slice(a0[a] - plo[a], a1[a] - plo[a]) for a in range(3))]
+        return out, lo, hi
 
     def forward(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                 crop: Crop) -> torch.Tensor:

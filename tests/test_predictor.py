@@ -184,3 +184,25 @@ def test_normalize_image_uses_the_nonzero_bounding_box():
     assert (out[0] == 0).all() and (out[:, 5:] == 0).all()
     const = normalize_image(np.full((4, 4, 4), 7, np.uint8), torch.device("cpu"))
     assert torch.equal(const, torch.zeros(4, 4, 4))
+
+
+def test_refinement_restores_full_resolution_after_zooming_out():
+    # extent (20, 40, 20) -> zoom (40 + 32/3) / 32 = 1.58: the coarse answer is blurred at the box
+    # faces; two zoom-1 patches tile the object and give back the exact box.
+    boxes = [box_dict(10, 29, 5, 44, 20, 39)]
+    expected = np.zeros((40, 50, 60), np.uint8)
+    expected[10:30, 5:45, 20:40] = 1
+    net = ChannelStub(channel=2)
+    segs = Predictor(net, card("3d"), "cpu", autozoom=False, refine=True).predict(case_with(boxes=boxes))
+    assert np.array_equal(segs, expected)
+    assert net.calls == 1 + 2
+    coarse = Predictor(ChannelStub(channel=2), card("3d"), "cpu", autozoom=False, refine=False).predict(
+        case_with(boxes=boxes))
+    assert not np.array_equal(coarse, expected)
+
+
+def test_refinement_skipped_when_the_object_needs_too_many_patches():
+    boxes = [box_dict(0, 39, 0, 49, 0, 59)]
+    net = ChannelStub(channel=2)
+    Predictor(net, card("3d"), "cpu", autozoom=False, refine=True, max_refine_patches=2).predict(case_with(boxes=boxes))
+    assert net.calls == 1
