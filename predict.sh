@@ -16,5 +16,8 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 
 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"
+# never import an infer/ from the caller's working directory (Python >= 3.11)
+PYTHONSAFEPATH=1
+export PYTHONSAFEPATH
 export PYTHONPATH
 exec "$PYTHON" -m infer "$@"

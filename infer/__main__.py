@@ -14,6 +14,11 @@ import time
 
 T0 = time.monotonic()
 
+# Idle OpenMP workers sleep instead of spinning (set before torch is imported: libgomp reads it
+# once). Spinning workers on a CPU shared with other processes slowed forward passes 5-40x
+# (docs/PERFORMANCE.md); an explicit OMP_WAIT_POLICY in the environment wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 log = logging.getLogger("infer")
 
 
@@ -145,4 +150,10 @@ def main(argv=None, clock=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    # Every output is written and closed: skip the interpreter's teardown of torch (0.5-1 s of
+    # freeing modules, which a bare `python -c "import torch"` pays too); the container exits.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)

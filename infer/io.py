@@ -335,8 +335,11 @@ def write_segs(path, segs) -> None:
     """Write ``segs`` (D, H, W) uint8/uint16 as an uncompressed npz holding only the key ``segs``.
 
     Atomic: the bytes go to ``.<name>.tmp-<pid>`` in the same folder (never matches ``*.npz``),
-    are flushed and fsynced, then renamed over ``path``. On any error the temporary file is
-    removed and ``path`` is left as it was. Raises ValueError for a wrong dtype or shape.
+    then are renamed over ``path``: a reader sees the old file or the whole new one, never a part.
+    No fsync: the harness reads the file after this process exits, through the same page cache;
+    fsync guards only against the host losing power and cost 10-300 ms per 78 MB here
+    (docs/PERFORMANCE.md). On any error the temporary file is removed and ``path`` is left as it
+    was. Raises ValueError for a wrong dtype or shape.
     """
     if not isinstance(segs, np.ndarray) or segs.dtype not in (np.dtype("u1"), np.dtype("u2")):
         got = getattr(segs, "dtype", type(segs).__name__)
@@ -359,16 +362,8 @@ def write_segs(path, segs) -> None:
                 member.write(header)
                 if arr.nbytes:
                     member.write(arr)  # buffer protocol: no copy of the array bytes
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # make the rename durable too (best effort)
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

@@ -47,10 +47,11 @@ def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     img = torch.from_numpy(np.ascontiguousarray(imgs)).to(device)
     if img.dtype == torch.bool:
         img = img.to(torch.uint8)
+    is_float = img.is_floating_point()
     img = img.to(torch.float32)
-    if not bool(torch.isfinite(img).all()):
+    if is_float and not bool(torch.isfinite(img).all()):  # integers are always finite
         img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
-    box = bbox_of(img != 0)
+    box = bbox_of(img)
     if box is None:
         return torch.zeros_like(img)
     (z0, y0, x0), (z1, y1, x1) = box

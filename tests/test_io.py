@@ -381,11 +381,11 @@ def test_failed_write_leaves_nothing_and_keeps_old_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["old.npz"] and old.read_bytes() == b"previous stage output"
 
 
-def test_fsync_failure_leaves_no_file(tmp_path, monkeypatch):
-    def broken_fsync(fd):
+def test_rename_failure_leaves_no_file(tmp_path, monkeypatch):
+    def broken_replace(src, dst):
         raise OSError(5, "I/O error")
 
-    monkeypatch.setattr(os, "fsync", broken_fsync)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="I/O error"):
         write_segs(tmp_path / "c.npz", np.ones((3, 4, 5), np.uint8))
     assert os.listdir(tmp_path) == []
@@ -398,9 +398,9 @@ def test_process_killed_mid_write_leaves_no_npz(tmp_path):
         "import os, sys, time, numpy as np\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
         "import infer.io as m\n"
-        "def hang(fd):\n"
+        "def hang(src, dst):\n"
         "    print('READY', flush=True); time.sleep(60)\n"
-        "os.fsync = hang\n"
+        "os.replace = hang\n"
         "m.write_segs(sys.argv[1], np.ones((8, 64, 64), np.uint8))\n"
     )
     out = tmp_path / "case.npz"
