@@ -146,10 +146,20 @@ def crop_to_patch(src: torch.Tensor, crop: Crop, origin: Sequence[int] = (0, 0, 
     """
     if mode not in ("linear", "area"):
         raise ValueError(f"unknown resampling mode {mode!r}")
-    out = src
     lead = src.dim() - 3
+    # Only source samples inside the crop are ever read: cut them out first (a view, no copy).
+    origin = [int(o) for o in origin]
+    for a in range(3):
+        n = src.shape[lead + a]
+        s0 = min(max(crop.lo[a] - origin[a], 0), n)
+        s1 = max(min(crop.hi[a] - origin[a], n), s0)
+        if s1 == s0:  # the crop misses the source entirely
+            return torch.full(src.shape[:lead] + tuple(crop.patch), pad, dtype=src.dtype, device=src.device)
+        src = src.narrow(lead + a, s0, s1 - s0)
+        origin[a] += s0
+    out = src
     for a in _axis_order(crop.size, crop.patch):
-        off = crop.lo[a] - int(origin[a])
+        off = crop.lo[a] - origin[a]
         if mode == "area":
             out = _area_axis(out, lead + a, crop.size[a], crop.patch[a], off, pad)
         else:

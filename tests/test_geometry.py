@@ -127,3 +127,12 @@ def test_bbox_of_and_border():
     pm[3, 9, 4] = True  # touches the far y face, inside the volume
     assert touches_border(pm, crop, (40, 40, 40))
     assert not touches_border(pm, crop, (40, 15, 40))  # now that face is the volume border
+
+
+def test_crop_missing_the_source_is_all_pad():
+    small = torch.ones(3, 3, 3)
+    crop = Crop((10, 10, 10), (8, 8, 8), (4, 4, 4))
+    assert torch.equal(crop_to_patch(small, crop, origin=(0, 0, 0), pad=0.25), torch.full((4, 4, 4), 0.25))
+    # overlapping in two axes but not the third is still a miss
+    crop2 = Crop((0, 0, 5), (4, 4, 4), (4, 4, 4))
+    assert torch.equal(crop_to_patch(small, crop2), torch.zeros(4, 4, 4))
