@@ -248,3 +248,31 @@ def test_zoomed_out_training_crop_is_the_autozoom_crop():
     ex2 = simulate_example(pred, imgs, gt, np.random.default_rng(1), p_box=1.0, p_second=0.0,
                            p_zoom_out=1.0)
     assert ex2.crop in (one, two)
+
+
+def test_refinement_example_uses_the_coarse_prediction_on_a_zoom_1_tile():
+    # an object larger than the tiny patch (16, 32, 32): the first crop is zoomed out
+    gt = np.zeros(SHAPE, dtype=bool)
+    gt[2:22, 4:44, 4:44] = True
+    imgs = (gt * 150 + 40).astype(np.uint8)
+    pred = _stub_predictor(2)
+    seen = 0
+    for seed in range(6):
+        ex = simulate_example(pred, imgs, gt, np.random.default_rng(seed), p_box=1.0,
+                              p_second=0.0, p_refine=1.0)
+        assert pred.initial_view(ex.prompts, None)[1] > 1  # the first crop is zoomed out
+        assert ex.click is None and ex.first_pred is not None
+        assert ex.crop.scale == (1.0, 1.0, 1.0)  # full resolution
+        # the tile overlaps the coarse prediction's bounding box, inside it where it is longer
+        nz = np.nonzero(ex.first_pred)
+        for a in range(3):
+            lo, hi = int(nz[a].min()), int(nz[a].max()) + 1
+            if hi - lo >= ex.crop.size[a]:
+                assert lo <= ex.crop.lo[a] and ex.crop.hi[a] <= hi
+        # previous-mask channel = the coarse prediction on that tile
+        sl = tuple(slice(max(l, 0), h) for l, h in zip(ex.crop.lo, ex.crop.hi))
+        inner = ex.first_pred[sl].astype(np.float32)
+        got = ex.x[1][tuple(slice(0, s) for s in inner.shape)].numpy()
+        np.testing.assert_allclose(got, inner, atol=1e-6)
+        seen += 1
+    assert seen == 6

@@ -74,6 +74,9 @@ def main(argv=None) -> int:
                     help="second step: predict on the first crop only (cheaper on CPU)")
     ap.add_argument("--p-zoom-out", type=float, default=0.0,
                     help="probability of training on the crop the predictor's autozoom reaches")
+    ap.add_argument("--p-refine", type=float, default=0.0,
+                    help="probability of a full-resolution refinement example (coarse prediction "
+                         "as previous mask, zoom-1 tile), taken from the draws without a second step")
     ap.add_argument("--val", help="validation-layout folder (images/, gts/) for the per-epoch warm evaluation")
     ap.add_argument("--val-n", type=int, default=None, help="use only the first N validation cases")
     ap.add_argument("--val-clicks", type=int, default=5, help="click stages per validation case")
@@ -96,7 +99,8 @@ def main(argv=None) -> int:
                       batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay, seed=a.seed,
                       p_box=a.p_box, p_second=a.p_second, device=a.device, validate=validate,
                       progress=not a.no_progress,
-                      sim_autozoom=not a.no_sim_autozoom, p_zoom_out=a.p_zoom_out)
+                      sim_autozoom=not a.no_sim_autozoom, p_zoom_out=a.p_zoom_out,
+                      p_refine=a.p_refine)
     if latest_checkpoint(a.out) is not None:
         trainer.resume()
         print(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored",

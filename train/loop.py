@@ -36,7 +36,8 @@ class Trainer:
                  lr_schedule: str = "constant", device: Optional[str] = None,
                  amp: Optional[bool] = None,
                  validate: Optional[Callable[[Predictor], dict]] = None, progress: bool = True,
-                 keep: int = 2, sim_autozoom: bool = True, p_zoom_out: float = 0.0):
+                 keep: int = 2, sim_autozoom: bool = True, p_zoom_out: float = 0.0,
+                 p_refine: float = 0.0):
         self.device = torch.device(device) if device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.network = network.to(self.device).train().requires_grad_(True)
@@ -61,6 +62,7 @@ class Trainer:
         self.predictor = Predictor(self.network, card, self.device, autozoom=True)
         self.sim_autozoom = bool(sim_autozoom)
         self.p_zoom_out = float(p_zoom_out)
+        self.p_refine = float(p_refine)
         self.network.train()
         self.epoch = 0   # completed epochs
         self.step = 0    # optimizer steps taken
@@ -90,7 +92,8 @@ class Trainer:
             gt = case.gts == label
             image = normalize_image(case.imgs, self.device)
             ex = simulate_example(self.predictor, case.imgs, gt, rng, self.p_box, self.p_second, image,
-                                  autozoom=self.sim_autozoom, p_zoom_out=self.p_zoom_out)
+                                  autozoom=self.sim_autozoom, p_zoom_out=self.p_zoom_out,
+                                  p_refine=self.p_refine)
             xs.append(ex.x)
             ts.append(ex.target)
         return torch.stack(xs), torch.stack(ts)

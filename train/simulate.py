@@ -86,6 +86,21 @@ def training_crop(predictor: Predictor, prompts: ClassPrompts, prev_k: Optional[
     return crop
 
 
+def refine_tile(mask: np.ndarray, patch, rng: np.random.Generator) -> Crop:
+    """A zoom-1 crop of ``patch`` voxels at a uniformly random position that overlaps the bounding
+    box of ``mask`` ((D, H, W) bool, non-empty) the way ``Predictor.refine_region``'s tiles do:
+    along each axis, inside the box when the box is longer than the patch, centred on it
+    otherwise."""
+    nz = np.nonzero(mask)
+    lo = [int(v.min()) for v in nz]
+    hi = [int(v.max()) + 1 for v in nz]
+    start = []
+    for a in range(3):
+        ext, p = hi[a] - lo[a], int(patch[a])
+        start.append(lo[a] + (int(rng.integers(0, ext - p + 1)) if ext > p else (ext - p) // 2))
+    return Crop(lo=tuple(start), size=tuple(int(p) for p in patch), patch=tuple(int(p) for p in patch))
+
+
 def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickState]) -> dict:
     """A one-class case dict as ``infer.io.read_case`` returns it for the harness's inputs."""
     case = {"imgs": imgs, "boxes": [box] if box is not None else None, "clicks": None,
@@ -100,18 +115,23 @@ def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickSta
 def predict_volume(predictor: Predictor, image: torch.Tensor, prompts: ClassPrompts,
                    prev_k: Optional[torch.Tensor], autozoom: bool = True) -> np.ndarray:
     """The predictor's binary prediction of one class over the whole volume, (D, H, W) bool
-    (``autozoom=False``: the first crop only, no zooming out)."""
+    (``autozoom=False``: the first crop only, no zooming out and no full-resolution refinement)."""
     shape = tuple(image.shape)
     pred = np.zeros(shape, dtype=bool)
     was_training, was_zooming = predictor.network.training, predictor.autozoom
+    was_refining = getattr(predictor, "refine", False)
     predictor.network.eval()
     predictor.autozoom = was_zooming and autozoom
+    if hasattr(predictor, "refine"):
+        predictor.refine = was_refining and autozoom
     try:
         with torch.no_grad():
             region = predictor.predict_class(image, prompts, prev_k)
     finally:
         predictor.network.train(was_training)
         predictor.autozoom = was_zooming
+        if hasattr(predictor, "refine"):
+            predictor.refine = was_refining
     if region is not None:
         prob, lo, hi = region
         pred[tuple(slice(l, h) for l, h in zip(lo, hi))] = (prob > 0.5).cpu().numpy()
@@ -121,7 +141,7 @@ def predict_volume(predictor: Predictor, image: torch.Tensor, prompts: ClassProm
 def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
                      p_box: float = 0.5, p_second: float = 0.5,
                      image: Optional[torch.Tensor] = None, autozoom: bool = True,
-                     p_zoom_out: float = 0.0) -> Example:
+                     p_zoom_out: float = 0.0, p_refine: float = 0.0) -> Example:
     """One training example for the binary object ``gt`` ((D, H, W) bool, non-empty) of ``imgs``.
 
     ``image``: ``infer.predictor.normalize_image(imgs)`` when the caller already has it.
@@ -145,7 +165,17 @@ def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng
     prompts = class_prompts(harness_case(imgs, box, state), 1, style)
     prev_k = None
     click, first_pred = None, None
-    if rng.random() < p_second:
+    u = rng.random()
+    crop = None
+    if p_second <= u < p_second + p_refine:
+        center, zoom = first_view(predictor, prompts, None)
+        if zoom > 1 + 1e-6:
+            pred = predict_volume(predictor, image, prompts, None, autozoom=False)
+            if pred.any():
+                crop = refine_tile(pred, predictor.patch, rng)
+                prev_k = torch.from_numpy(pred).to(dev)
+                first_pred = pred
+    if u < p_second:
         pred = predict_volume(predictor, image, prompts, None, autozoom)
         click = next_click(pred, gt)
         if click is not None:
@@ -154,8 +184,9 @@ def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng
             state.add(0, click)
             prompts = class_prompts(harness_case(imgs, box, state), 1, style)
             prev_k = torch.from_numpy(pred).to(dev)
-    steps = int(rng.integers(1, 3)) if rng.random() < p_zoom_out else 0
-    crop = training_crop(predictor, prompts, prev_k, steps)
+    if crop is None:
+        steps = int(rng.integers(1, 3)) if rng.random() < p_zoom_out else 0
+        crop = training_crop(predictor, prompts, prev_k, steps)
     with torch.no_grad():
         x = make_input(predictor, image, prompts, prev_k, crop)
         target = (crop_to_patch(torch.from_numpy(gt).to(dev, torch.float32), crop) > 0.5).float()
