@@ -109,8 +109,11 @@ t1=$(now)
 
 say "squashing the layers above $BASE into one"
 BASE_ID=$(docker image inspect --format '{{.Id}}' "$BASE")
+OLD_ID=$(docker image inspect --format '{{.Id}}' "$NAME:latest" 2>/dev/null || true)
 "$SQUASH" -f "$BASE_ID" -t "$NAME:latest" "$NAME:build"
 docker image rm "$NAME:build" >/dev/null
+# The previous NAME:latest, now untagged, would hold gigabytes: drop it unless something uses it.
+if [ -n "$OLD_ID" ]; then docker image rm "$OLD_ID" >/dev/null 2>&1 || true; fi
 t2=$(now)
 
 TARBALL=$OUT/$NAME.tar.gz

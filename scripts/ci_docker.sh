@@ -11,13 +11,18 @@ PY=${PYTHON:-.venv/bin/python}
 SETUP=${1:-../shared/docker/offline-docker.sh}
 start=$(date +%s)
 
-if docker info >/dev/null 2>&1; then
-    echo "ci_docker: Docker answers already"
-elif [ -f "$SETUP" ]; then
+# The set-up script is idempotent: it returns at once when the daemon answers and the base
+# image is there.
+if [ -f "$SETUP" ]; then
     bash "$SETUP"
-else
+elif ! docker info >/dev/null 2>&1; then
     echo "ci_docker: Docker does not answer and there is no set-up script at $SETUP" >&2
     exit 1
+fi
+# pigz lets build.sh compress the 4 GB image on both cores (about 45 s less than gzip here).
+if ! command -v pigz >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pigz >/dev/null 2>&1 \
+        || echo "ci_docker: pigz not installed; build.sh uses gzip"
 fi
 setup_done=$(date +%s)
 echo "ci_docker: Docker set-up took $((setup_done - start)) s"

@@ -27,9 +27,11 @@ case "$1" in
         exit 0 ;;
     image)
         if [ "$2" = inspect ]; then
-            case "$4" in
-                *Id*) echo "__BASE_ID__" ;;
+            case "$4 $5" in
                 *Size*) echo "__IMAGE_BYTES__" ;;
+                *python:3.13-slim-bookworm) echo "__BASE_ID__" ;;
+                *:latest) [ -n "${FAKE_OLD_ID:-}" ] || exit 1; echo "$FAKE_OLD_ID" ;;
+                *) exit 1 ;;
             esac
         fi
         exit 0 ;;
@@ -133,16 +135,17 @@ def test_demo_build_squashes_and_saves_in_order(repo, fake, tmp_path):
     res, calls = run_build(repo, fake, "--demo", "--name", "team-a", "--out", str(out_dir))
     assert res.returncode == 0, res.stderr
     assert _kinds(calls) == ["docker info", "docker build", "docker image inspect",
-                             "docker-squash", "docker image rm", "docker save",
-                             "docker image inspect"]
+                             "docker image inspect", "docker-squash", "docker image rm",
+                             "docker save", "docker image inspect"]
     build = calls[1].split()
     assert build[:2] == ["docker", "build"]
     assert "--build-arg" in build and build[build.index("--build-arg") + 1] == "WEIGHTS=weights"
     assert build[build.index("-t") + 1] == "team-a:build"
     # Everything above the base image is squashed into one layer, tagged NAME:latest.
     assert calls[2].split()[-1] == "python:3.13-slim-bookworm"
-    assert calls[3].split()[1:] == ["-f", BASE_ID, "-t", "team-a:latest", "team-a:build"]
-    assert calls[5].split() == ["docker", "save", "team-a:latest"]
+    assert calls[4].split()[1:] == ["-f", BASE_ID, "-t", "team-a:latest", "team-a:build"]
+    assert calls[5].split() == ["docker", "image", "rm", "team-a:build"]
+    assert calls[6].split() == ["docker", "save", "team-a:latest"]
 
     tarball = out_dir / "team-a.tar.gz"
     assert gzip.decompress(tarball.read_bytes()) == b"fake image tar for team-a:latest\n"
@@ -161,6 +164,14 @@ def test_demo_build_squashes_and_saves_in_order(repo, fake, tmp_path):
     assert json.loads((fake["log"].parent / "calls.log.card").read_text())["demo"] is True
     # The staged context is a temporary folder, removed afterwards.
     assert not list(tmp_path.glob("build-sh.*"))
+
+
+def test_previous_image_of_the_same_name_is_dropped(repo, fake, tmp_path):
+    env = dict(fake["env"], FAKE_OLD_ID="sha256:" + "cd" * 32)
+    res, calls = run_build(repo, fake, "--demo", "--out", str(tmp_path), env=env)
+    assert res.returncode == 0, res.stderr
+    rms = [c.split()[3:] for c in calls if c.startswith("docker image rm")]
+    assert rms == [["nnint:build"], ["sha256:" + "cd" * 32]]
 
 
 def test_production_weights_need_no_demo_flag(repo, fake, tmp_path):
