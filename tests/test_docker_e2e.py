@@ -220,12 +220,9 @@ def test_image_holds_only_python_torch_numpy_and_the_predictor(image):
 
 
 AUDIT = r"""
-import json, os, runpy, sys, sysconfig
-sys.argv = ["python -m infer"]
-try:
-    runpy.run_module("infer", run_name="__main__", alter_sys=True)
-except SystemExit as e:
-    code = e.code
+import json, sys, sysconfig
+from infer.__main__ import main  # what `python -m infer` runs, without its final os._exit
+code = main([])
 std = set(sys.stdlib_module_names) | set(sys.builtin_module_names)
 # __mp_main__: multiprocessing's alias of __main__, made when it is imported
 tops = sorted({m.split(".")[0] for m in list(sys.modules)} - std - {"__main__", "__mp_main__"})
@@ -283,9 +280,23 @@ def _evaluate(tmp_path: Path, name: str, *mode) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _workspace_of(tag: str, dst: Path) -> Path:
+    """Copy the image's /workspace (infer/, predict.sh, weights/) out of it into ``dst``."""
+    cid = docker("create", tag).stdout.strip()
+    try:
+        docker("cp", f"{cid}:/workspace", str(dst))
+    finally:
+        docker("rm", cid, check=False)
+    return dst
+
+
 def test_docker_mode_scores_equal_the_run_without_docker(image, tmp_path):
     rows = _evaluate(tmp_path, "docker", "--docker", image["tag"], "--no-gpus")
-    cold = _evaluate(tmp_path, "cold", "--weights", str(DEMO), "--device", "cpu")
+    # The same model without Docker: the image's own infer/, predict.sh and weights, run by this
+    # machine's Python (so a concurrent edit of the working tree cannot make the two differ).
+    ws = _workspace_of(image["tag"], tmp_path / "workspace")
+    cold = _evaluate(tmp_path, "cold", "--predict-sh", str(ws / "predict.sh"),
+                     "--weights", str(ws / "weights"), "--device", "cpu")
     cases = sorted(p.name for p in SAMPLES.glob("*.npz"))
     assert [r["CaseName"] for r in rows] == [r["CaseName"] for r in cold] == cases
     for r, c in zip(rows, cold):
