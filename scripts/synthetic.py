@@ -5,7 +5,8 @@ map ``gts`` holding classes 1..K (K = 2..4 by default), one object per class, dr
 
 - ``ellipsoid``: a rotated ellipsoid;
 - ``blob``: an ellipsoid whose radius is modulated by smooth noise (irregular outline);
-- ``tube``: a thin curved tube (radius 1.2-3 mm), often running out of the volume;
+- ``tube``: a thin, gently bent tube (radius 1.2-3 mm) running mainly along z, often out of the
+  volume;
 - ``border``: an ellipsoid or blob centred on a face of the volume, so that the volume cuts it.
 
 Objects are drawn in millimetres on an anisotropic grid (z spacing 1.5x..5x the in-plane spacing),
@@ -103,15 +104,17 @@ def _ellipsoid(rng, grid, shape, spacing, centre, extent, irregular):
 
 
 def _tube(rng, shape, spacing, extent):
-    """A thin tube along a smooth random curve: EDT (in mm) to its centre line < radius."""
-    start = rng.uniform(0.15, 0.85, size=3) * extent
-    direction = rng.normal(size=3)
+    """A thin tube (radius 1.2-3 mm) along a smooth curve running mainly along z (within about 30
+    degrees, like the vessels, airways and oesophagus of axial CT), gently bent, over half to all
+    of the z extent: EDT (in mm) to its centre line < radius."""
+    start = rng.uniform(0.25, 0.75, size=3) * extent
+    direction = np.array([1.0, *rng.normal(0.0, 0.35, size=2)])
     direction /= np.linalg.norm(direction)
     perp = np.cross(direction, rng.normal(size=3))
     perp /= np.linalg.norm(perp)
-    length = rng.uniform(0.6, 1.2) * np.linalg.norm(extent)
+    length = rng.uniform(0.5, 1.1) * extent[0]
     t = np.linspace(-0.5, 0.5, 400)[:, None] * length
-    amp, freq, phase = rng.uniform(0.05, 0.15) * length, rng.uniform(1.0, 3.0), rng.uniform(0, 6.3)
+    amp, freq, phase = rng.uniform(0.04, 0.12) * length, rng.uniform(0.5, 1.5), rng.uniform(0, 6.3)
     curve = start + t * direction + amp * np.sin(freq * 2 * np.pi * t / length + phase) * perp
     idx = np.round(curve / np.asarray(spacing)).astype(int)
     keep = np.all((idx >= 0) & (idx < np.asarray(shape)), axis=1)

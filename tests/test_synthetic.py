@@ -42,6 +42,14 @@ def test_every_kind_and_border_cut():
     from scipy import ndimage
     depth = ndimage.distance_transform_edt(tube, sampling=(1e6, 1, 1))  # in-plane distance only
     assert np.median(depth[tube]) <= 3
+    # tubes run mainly along z: their z extent (mm) is the longest, in most cases
+    along_z = 0
+    for i in range(6):
+        c = _case(i, n_classes=2, kinds=["tube", "blob"])
+        z, y, x = np.nonzero(c["gts"] == 1)
+        ext = [(v.max() - v.min() + 1) * s for v, s in zip((z, y, x), c["spacing"])]
+        along_z += ext[0] >= max(ext[1], ext[2])
+    assert along_z >= 5
     # random cases include border-cut objects, by the generator's own report and by the data
     border_seen = 0
     for i in range(10):

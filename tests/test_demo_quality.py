@@ -1,0 +1,95 @@
+"""Quality of the committed demo model (weights/demo), measured by the warm evaluation.
+
+Held-out synthetic cases are generated with a seed the model never saw in training (training used
+seed 1, per-epoch validation seed 2; see docs/TRAINING.md), in the validation layout, every third
+case without boxes. Each case goes through the organizer's six stages (``evaluation.runner``:
+box stage, five clicks placed by ``evaluation.clicks``, scored by ``evaluation.metrics``) with an
+in-process predictor. No training happens here.
+"""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infer.predictor import Predictor
+from scripts.synthetic import write_dataset
+from train.validate import evaluate, val_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "weights" / "demo"
+HELD_OUT_SEED = 1000
+N_CASES = 9  # 6 with boxes, 3 without
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """A 0.6 M-parameter model: one thread is as fast as several, and far faster on a busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("heldout")
+    write_dataset(folder, N_CASES, seed=HELD_OUT_SEED, layout="val", no_box_every=3)
+    return val_pairs(folder)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    if not (DEMO / "model_card.json").is_file():
+        pytest.fail("weights/demo is missing: the demo model must be committed")
+    return Predictor.from_path(DEMO, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def scores(predictor, held_out):
+    return evaluate(predictor.predict, held_out, n_clicks=5)
+
+
+def central_third_box(shape):
+    """The seed paper's fallback for a case without boxes: the central third of the volume."""
+    lo = [n // 3 for n in shape]
+    hi = [max(2 * n // 3 - 1, l) for n, l in zip(shape, lo)]
+    return {"z_min": lo[0], "z_max": hi[0], "z_mid": shape[0] // 2,
+            "z_mid_y_min": lo[1], "z_mid_y_max": hi[1], "z_mid_x_min": lo[2], "z_mid_x_max": hi[2]}
+
+
+def test_card_is_a_small_demo_model(predictor):
+    assert predictor.card.demo is True
+    assert (DEMO / "weights.pt").stat().st_size < 5 * 1024 * 1024
+
+
+def test_box_stage_dsc(scores):
+    assert scores["box_dsc"] >= 0.85, scores
+
+
+def test_clicks_do_not_make_it_worse(scores):
+    assert scores["final_dsc_box"] >= scores["box_dsc"], scores
+
+
+def test_clicks_only_cases(scores):
+    assert scores["final_dsc_nobox"] >= 0.6, scores
+
+
+def test_click_centred_start_beats_the_central_third_box(predictor, held_out, scores):
+    nobox = [p for p in held_out if not _has_boxes(p[0])]
+    assert len(nobox) == N_CASES // 3
+
+    def with_fallback_box(case):
+        case = dict(case)
+        if case.get("boxes") is None and case.get("clicks") is not None:
+            case["boxes"] = [central_third_box(case["imgs"].shape)] * len(case["clicks"])
+        return predictor.predict(case)
+
+    fallback = evaluate(with_fallback_box, nobox, n_clicks=1)
+    ours = scores["click1_dsc_nobox"]
+    assert ours >= fallback["click1_dsc_nobox"] + 0.2, (ours, fallback["click1_dsc_nobox"])
+
+
+def _has_boxes(path):
+    with np.load(path, allow_pickle=False) as z:
+        return "boxes" in z.files
