@@ -43,11 +43,13 @@ def image_tag_from_tarball(path: str | os.PathLike) -> str:
 
 
 def docker_command(image_tag: str, inputs_dir, outputs_dir, gpus: bool,
-                   network_none: bool = False) -> list[str]:
+                   network_none: bool = False, gpu_device: str = "0") -> list[str]:
     """The organizer's command line for one stage, as an argument list (no shell).
 
     ``inputs_dir`` and ``outputs_dir`` are mounted at /workspace/inputs/ and /workspace/outputs/;
-    they are made absolute, as ``$PWD/inputs/`` is in the organizer's script.
+    they are made absolute, as ``$PWD/inputs/`` is in the organizer's script. ``gpu_device``: the
+    host GPU of ``--gpus device=...`` (the organizer's 0; another one for a sharded evaluation's
+    worker).
     """
     mounts = []
     for host, target in ((inputs_dir, "/workspace/inputs/"), (outputs_dir, "/workspace/outputs/")):
@@ -57,7 +59,7 @@ def docker_command(image_tag: str, inputs_dir, outputs_dir, gpus: bool,
         mounts += ["-v", f"{host}/:{target}"]
     cmd = ["docker", "container", "run"]
     if gpus:
-        cmd += ["--gpus", "device=0"]
+        cmd += ["--gpus", f"device={gpu_device}"]
     cmd += ["-m", "32G", "--rm"]
     if network_none:
         cmd += ["--network", "none"]
@@ -76,7 +78,7 @@ def empty_dir(path) -> None:
 
 
 def run_stage_docker(image_tag: str, inputs_dir, outputs_dir, gpus: bool,
-                     network_none: bool = False) -> float:
+                     network_none: bool = False, gpu_device: str = "0") -> float:
     """Run one stage with the organizer's command; return the container's wall-clock seconds.
 
     ``outputs_dir`` is emptied first. A failing predictor is not an error here (the organizer
@@ -85,7 +87,7 @@ def run_stage_docker(image_tag: str, inputs_dir, outputs_dir, gpus: bool,
     output goes to this process's stdout/stderr.
     """
     empty_dir(outputs_dir)
-    cmd = docker_command(image_tag, inputs_dir, outputs_dir, gpus, network_none)
+    cmd = docker_command(image_tag, inputs_dir, outputs_dir, gpus, network_none, gpu_device)
     t0 = time.perf_counter()
     try:
         rc = subprocess.run(cmd, check=False).returncode

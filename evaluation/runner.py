@@ -124,18 +124,19 @@ class WarmRunner:
 class DockerRunner:
     """One ``docker run`` per stage through ``evaluation.docker_runner.run_stage_docker``."""
 
-    def __init__(self, image_tag: str, gpus: bool, network_none: bool = False):
+    def __init__(self, image_tag: str, gpus: bool, network_none: bool = False, gpu_device: str = "0"):
         try:
             from .docker_runner import run_stage_docker
         except ImportError as exc:
             raise RuntimeError("docker mode needs evaluation/docker_runner.py "
                                "(run_stage_docker)") from exc
         self._run, self.image_tag = run_stage_docker, image_tag
-        self.gpus, self.network_none = gpus, network_none
+        self.gpus, self.network_none, self.gpu_device = gpus, network_none, str(gpu_device)
 
     def __call__(self, inputs_dir: Path, outputs_dir: Path) -> float:
         return float(self._run(self.image_tag, Path(inputs_dir), Path(outputs_dir),
-                               gpus=self.gpus, network_none=self.network_none))
+                               gpus=self.gpus, network_none=self.network_none,
+                               gpu_device=self.gpu_device))
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,12 +3,18 @@
     python -m train --data DIR --init WEIGHTS|scratch --out DIR [--epochs N] [--config tiny|demo]
                     [--steps-per-epoch N] [--batch-size 2] [--lr 1e-4] [--seed 0]
                     [--val DIR [--val-n N]] [--device cpu|cuda] [--box-style 2d|3d] [--demo]
+                    [--workers N] [--lr-scale none|sqrt|linear]
+
+    torchrun --nproc_per_node=N -m train ...     (DistributedDataParallel, one process per GPU)
 
 ``--data``: training npz files (``imgs``, ``gts``, ``spacing``: the organizer's training layout).
 ``--init``: an nnInteractive release folder or a converted artifact (``infer.weights``), or
 ``scratch`` for a fresh network of ``--config``. A run folder that already holds a checkpoint is
 resumed from it (``--init`` is then ignored); ``OUT/final`` is the artifact to use with
 ``python -m infer --weights OUT/final``.
+
+Under ``torchrun`` (see docs/SCALEOUT.md) ``--batch-size`` is per process: the global batch is
+``batch_size x world_size``; rank 0 alone writes ``OUT`` and validates.
 """
 from __future__ import annotations
 
@@ -24,7 +30,8 @@ from infer.weights import find_model_root, instantiate, read_artifact, read_rele
 
 from .checkpoint import latest_checkpoint
 from .configs import CARD_DEFAULTS, CONFIGS, get_config
-from .data import load_folder
+from .data import index_folder, load_folder
+from .distributed import LR_RULES, scaled_lr, setup, teardown
 from .loop import Trainer
 from .validate import make_validator
 
@@ -61,8 +68,17 @@ def main(argv=None) -> int:
     ap.add_argument("--config", choices=sorted(CONFIGS), default="demo",
                     help="architecture and patch of a model trained from scratch")
     ap.add_argument("--steps-per-epoch", type=int, default=250)
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=2,
+                    help="examples per process and step (global batch: x the torchrun world size)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr-scale", choices=LR_RULES, default="none",
+                    help="scale --lr with the global batch B relative to the recipe's 2: "
+                         "sqrt (lr x sqrt(B/2)), linear (lr x B/2) or none")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="data-loader worker processes per training process that read and "
+                         "prepare cases (0: in the main process; see train/loader.py)")
+    ap.add_argument("--dist-timeout", type=float, default=60.0,
+                    help="torchrun: minutes a rank may wait for the others (rank 0 validates alone)")
     ap.add_argument("--lr-schedule", choices=("constant", "poly"), default="constant",
                     help="constant (the recipe) or nnU-Net's poly decay over --epochs")
     ap.add_argument("--weight-decay", type=float, default=3e-5)
@@ -89,27 +105,41 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    ctx = setup(a.device, a.dist_timeout)
+    try:
+        return _run(a, argv, ctx)
+    finally:
+        teardown(ctx)
 
-    cases = load_folder(a.data)
+
+def _run(a, argv, ctx) -> int:
+    say = (lambda msg: print(msg, file=sys.stderr)) if ctx.is_main else (lambda msg: None)
+    # worker processes read cases from their files; in-process sampling keeps them in memory
+    cases = index_folder(a.data) if a.workers > 0 else load_folder(a.data)
     cmd = "python -m train " + " ".join(sys.argv[1:] if argv is None else argv)
     source = f"trained with `{cmd}` ({time.strftime('%Y-%m-%d')})"
     net, card = build_model(a.init, a.config, a.seed, a.box_style, a.demo, source)
-    validate = make_validator(a.val, a.val_n, a.val_clicks) if a.val else None
+    validate = make_validator(a.val, a.val_n, a.val_clicks) if a.val and ctx.is_main else None
+    global_batch = a.batch_size * ctx.world_size
+    lr = scaled_lr(a.lr, global_batch, a.lr_scale)
     trainer = Trainer(net, card, cases, a.out, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
-                      batch_size=a.batch_size, lr=a.lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay, seed=a.seed,
+                      batch_size=a.batch_size, lr=lr, lr_schedule=a.lr_schedule, weight_decay=a.weight_decay, seed=a.seed,
                       p_box=a.p_box, p_second=a.p_second, device=a.device, validate=validate,
                       progress=not a.no_progress,
                       sim_autozoom=not a.no_sim_autozoom, p_zoom_out=a.p_zoom_out,
-                      p_refine=a.p_refine)
+                      p_refine=a.p_refine, dist=ctx, workers=a.workers)
     if latest_checkpoint(a.out) is not None:
         trainer.resume()
-        print(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored",
-              file=sys.stderr)
-    print(f"{len(cases)} training cases, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
-          f"parameters, patch {list(card.patch_size)}, device {trainer.device}", file=sys.stderr)
+        say(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored")
+    # every rank must resume from the same checkpoint (OUT on a filesystem all nodes see)
+    ctx.check_same(trainer.epoch, f"the epoch to resume {a.out} from (is it shared by all nodes?)")
+    say(f"{len(cases)} training cases, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
+        f"parameters, patch {list(card.patch_size)}, device {trainer.device}"
+        + (f", {ctx.world_size} processes x batch {a.batch_size} = global batch {global_batch}, "
+           f"lr {lr:.3g}" if ctx.enabled else ""))
     t0 = time.time()
     final = trainer.fit()
-    print(f"done in {time.time() - t0:.0f} s: {final}", file=sys.stderr)
+    say(f"done in {time.time() - t0:.0f} s: {final}")
     return 0
 
 

@@ -1,7 +1,9 @@
 """Training cases: npz files in the organizer's training layout (``imgs``, ``gts``, ``spacing``).
 
-Files are read with ``allow_pickle=False`` (the training layout holds plain arrays only) and kept in
-memory: the synthetic sets and the fine-tuning sets this is meant for are small. Arrays are
+Files are read with ``allow_pickle=False`` (the training layout holds plain arrays only).
+``load_folder`` keeps every case in memory (small sets, in-process sampling); ``index_folder``
+keeps only names, paths and labels, and ``CaseRef.load`` reads a case when an example needs it
+(data-loader workers, large sets). Either kind of entry answers ``.load() -> Case``. Arrays are
 (D, H, W), axis order (z, y, x).
 """
 from __future__ import annotations
@@ -19,6 +21,20 @@ class Case:
     gts: np.ndarray       # (D, H, W) integer labels, 0 = background
     spacing: tuple        # (z, y, x) mm
     labels: tuple         # foreground labels present in gts
+
+    def load(self) -> "Case":
+        return self
+
+
+@dataclass
+class CaseRef:
+    """A training file not read yet: its foreground ``labels`` are known, ``load()`` reads it."""
+    name: str
+    path: Path
+    labels: tuple
+
+    def load(self) -> Case:
+        return load_case(self.path)
 
 
 def load_case(path) -> Case:
@@ -44,6 +60,22 @@ def load_folder(folder, limit: int | None = None) -> list[Case]:
     if not cases:
         raise ValueError(f"no training case with a foreground label in {folder}")
     return cases
+
+
+def index_folder(folder, limit: int | None = None) -> list[CaseRef]:
+    """The cases ``load_folder`` would return (same files, same order), as ``CaseRef``: only
+    ``gts`` is read, once, to find each file's labels."""
+    refs = []
+    for f in sorted(Path(folder).glob("*.npz"))[:limit]:
+        with np.load(f, allow_pickle=False) as z:
+            if "imgs" not in z.files or "gts" not in z.files:
+                raise ValueError(f"{f}: a training file needs 'imgs' and 'gts' (has {z.files})")
+            labels = tuple(int(v) for v in np.unique(z["gts"]) if v != 0)
+        if labels:
+            refs.append(CaseRef(f.name, f, labels))
+    if not refs:
+        raise ValueError(f"no training case with a foreground label in {folder}")
+    return refs
 
 
 def epoch_plan(cases: list[Case], n_examples: int, rng: np.random.Generator) -> list[tuple[int, int]]:

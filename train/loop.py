@@ -6,9 +6,18 @@ checkpoint of epoch ``e`` (network weights, optimizer and grad-scaler state, epo
 exactly the steps an uninterrupted run takes. An epoch interrupted half-way is redone from its
 start. After each epoch an optional ``validate(predictor) -> dict`` runs (the warm evaluation),
 its numbers go to ``OUT/log.jsonl`` with the epoch's mean loss.
+
+Distributed (``dist``: a ``train.distributed.DistContext`` of more than one process) or with
+data-loader worker processes (``workers`` > 0), examples come from ``train.loader`` instead: one
+generator per example slot, ``default_rng([seed, epoch, slot])``, so that the examples do not
+depend on how they are split over ranks and workers. The in-process stream above (one generator
+per epoch) is kept for single-process runs with ``workers=0``, so their results do not change.
+Only rank 0 writes checkpoints, the log and ``OUT/final``, shows progress and validates; the
+reported loss is the mean over ranks (the loss of the global batch).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -24,6 +33,8 @@ from infer.predictor import Predictor, normalize_image
 
 from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Case, epoch_plan
+from .distributed import DistContext
+from .loader import ExampleSet, finish_batch, make_loader
 from .loss import dice_ce_loss
 from .simulate import simulate_example
 
@@ -37,9 +48,9 @@ class Trainer:
                  amp: Optional[bool] = None,
                  validate: Optional[Callable[[Predictor], dict]] = None, progress: bool = True,
                  keep: int = 2, sim_autozoom: bool = True, p_zoom_out: float = 0.0,
-                 p_refine: float = 0.0):
-        self.device = torch.device(device) if device else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+                 p_refine: float = 0.0, dist: Optional[DistContext] = None, workers: int = 0):
+        self.dist = dist or DistContext.single(device)
+        self.device = self.dist.device
         self.network = network.to(self.device).train().requires_grad_(True)
         self.card = card
         self.cases = cases
@@ -48,13 +59,16 @@ class Trainer:
         self.seed = int(seed)
         self.p_box, self.p_second, self.dice_weight = float(p_box), float(p_second), float(dice_weight)
         self.validate = validate
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.keep = keep
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp and self.device.type == "cuda")
         if lr_schedule not in ("constant", "poly"):
             raise ValueError(f"lr_schedule must be 'constant' or 'poly', not {lr_schedule!r}")
         self.lr, self.lr_schedule = float(lr), lr_schedule
         self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=lr, weight_decay=weight_decay)
+        self.model = self.dist.wrap(self.network)  # training forward/backward (DDP when distributed)
+        self.workers = int(workers)
+        self.loader = None  # built on first use (train.loader)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         # the predictor's own per-class path, sharing the network being trained; the no-grad
         # first prediction of the second step may skip autozoom (sim_autozoom=False) to save the
@@ -63,6 +77,10 @@ class Trainer:
         self.sim_autozoom = bool(sim_autozoom)
         self.p_zoom_out = float(p_zoom_out)
         self.p_refine = float(p_refine)
+        # the prompt simulation with this run's settings (picklable, for data-loader workers too)
+        self.simulate = functools.partial(simulate_example, p_box=self.p_box, p_second=self.p_second,
+                                          autozoom=self.sim_autozoom, p_zoom_out=self.p_zoom_out,
+                                          p_refine=self.p_refine)
         self.network.train()
         self.epoch = 0   # completed epochs
         self.step = 0    # optimizer steps taken
@@ -91,18 +109,38 @@ class Trainer:
             case = self.cases[ci]
             gt = case.gts == label
             image = normalize_image(case.imgs, self.device)
-            ex = simulate_example(self.predictor, case.imgs, gt, rng, self.p_box, self.p_second, image,
-                                  autozoom=self.sim_autozoom, p_zoom_out=self.p_zoom_out,
-                                  p_refine=self.p_refine)
+            ex = self.simulate(self.predictor, case.imgs, gt, rng, image=image)
             xs.append(ex.x)
             ts.append(ex.target)
         return torch.stack(xs), torch.stack(ts)
 
+    def inprocess_batches(self, e: int):
+        """The batches of epoch ``e`` from one generator, ``default_rng([seed, e])``."""
+        rng = np.random.default_rng([self.seed, e])
+        plan = epoch_plan(self.cases, self.steps_per_epoch * self.batch_size, rng)
+        for i in range(self.steps_per_epoch):
+            yield self.make_batch(plan[i * self.batch_size:(i + 1) * self.batch_size], rng)
+
+    def loader_batches(self, e: int):
+        """This rank's batches of epoch ``e`` through ``train.loader`` (one generator per slot)."""
+        if self.loader is None:
+            n_slots = self.steps_per_epoch * self.batch_size * self.dist.world_size
+            examples = ExampleSet(self.cases, self.simulate, self.predictor, self.seed, n_slots,
+                                  normalize=self.device.type == "cpu")
+            self.loader = make_loader(examples, self.batch_size, self.dist.world_size,
+                                      self.dist.rank, self.workers,
+                                      pin_memory=self.device.type == "cuda")
+        self.loader.sampler.set_epoch(e)
+        for items in self.loader:
+            yield finish_batch(items, self.simulate, self.predictor, self.seed, self.device)
+
     def train_step(self, x: torch.Tensor, target: torch.Tensor) -> float:
-        self.network.train()
+        """One optimizer step on this rank's batch; returns the loss of the global batch (the
+        mean over ranks)."""
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cuda", dtype=torch.float16, enabled=self.amp):
-            logits = self.network(x)
+            logits = self.model(x)
         loss = dice_ce_loss(logits, target, self.dice_weight)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -110,7 +148,7 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        return float(loss.detach())
+        return self.dist.mean(float(loss.detach()))
 
     # ------------------------------------------------------------------ epochs
     def epoch_lr(self, epoch: int) -> float:
@@ -124,13 +162,12 @@ class Trainer:
         e = self.epoch
         for group in self.optimizer.param_groups:
             group["lr"] = self.epoch_lr(e)
-        rng = np.random.default_rng([self.seed, e])
-        plan = epoch_plan(self.cases, self.steps_per_epoch * self.batch_size, rng)
-        bar = tqdm(range(self.steps_per_epoch), desc=f"epoch {e + 1}/{self.epochs}",
+        use_loader = self.workers > 0 or self.dist.enabled
+        batches = self.loader_batches(e) if use_loader else self.inprocess_batches(e)
+        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {e + 1}/{self.epochs}",
                    disable=not self.progress, dynamic_ncols=True, mininterval=2.0)
         total, running = 0.0, None
-        for i in bar:
-            x, t = self.make_batch(plan[i * self.batch_size:(i + 1) * self.batch_size], rng)
+        for i, (x, t) in enumerate(bar):
             loss = self.train_step(x, t)
             total += loss
             running = loss if running is None else 0.95 * running + 0.05 * loss
@@ -151,6 +188,9 @@ class Trainer:
             t0 = time.time()
             mean_loss = self.train_epoch()
             self.epoch += 1
+            if not self.dist.is_main:  # rank 0 alone checkpoints, validates and logs
+                self.dist.barrier()
+                continue
             save_checkpoint(self.out, self.epoch, self.network.state_dict(), self.card, self.state(),
                             keep=self.keep)
             record = {"epoch": self.epoch, "step": self.step, "loss": mean_loss,
@@ -168,4 +208,8 @@ class Trainer:
             if self.progress:
                 tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v)
                                     else f"{k}={v}" for k, v in record.items()))
-        return export_final(self.out, self.network.state_dict(), self.card)
+            self.dist.barrier()
+        final = (export_final(self.out, self.network.state_dict(), self.card) if self.dist.is_main
+                 else self.out / "final")
+        self.dist.barrier()
+        return final
