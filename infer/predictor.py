@@ -331,14 +331,20 @@ class Predictor:
                 pv[tuple(slice(a0[a] - plo[a], a1[a] - plo[a]) for a in range(3))]
         return out, lo, hi
 
-    def forward(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
-                crop: Crop) -> torch.Tensor:
-        """One network pass on ``crop``: returns the foreground probability, (*patch) float32."""
+    def make_input(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
+                   crop: Crop) -> torch.Tensor:
+        """The network input for ``crop``: (1, C, *patch) float32 = the resampled image, then the
+        prompt channels the model card names, in its order (training builds its inputs here too)."""
         img = crop_to_patch(image, crop)
         chans = encode(prompts, crop, prev_k, int(round(self.card.click_radius)), self.card.prompt_decay, self.device)
         if self.prompt_index != list(range(len(CHANNELS))):
             chans = chans[self.prompt_index]
-        x = torch.cat([img[None], chans], 0)[None]
+        return torch.cat([img[None], chans], 0)[None]
+
+    def forward(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
+                crop: Crop) -> torch.Tensor:
+        """One network pass on ``crop``: returns the foreground probability, (*patch) float32."""
+        x = self.make_input(image, prompts, prev_k, crop)
         if self.half:
             with torch.autocast("cuda", dtype=torch.float16):
                 logits = self.network(x)

@@ -32,7 +32,7 @@ import torch
 from evaluation.clicks import Click, ClickState, next_click
 from infer.geometry import Crop, crop_to_patch, make_crop
 from infer.predictor import Predictor
-from infer.prompts import ClassPrompts, class_prompts, encode
+from infer.prompts import ClassPrompts, class_prompts
 from scripts.synthetic import box_for_mask
 
 
@@ -54,20 +54,9 @@ class Example:
 
 def make_input(predictor: Predictor, image: torch.Tensor, prompts: ClassPrompts,
                prev_k: Optional[torch.Tensor], crop: Crop) -> torch.Tensor:
-    """The network input of ``Predictor.forward`` for one class on ``crop``: (C, *patch) float32 =
-    [image resampled to the patch, the prompt channels of ``infer.prompts.encode`` in the card's
-    channel order]. Uses ``Predictor.make_input`` when the predictor has it."""
-    if hasattr(predictor, "make_input"):
-        x = predictor.make_input(image, prompts, prev_k, crop)
-        return x[0] if x.dim() == 5 else x
-    img = crop_to_patch(image, crop)
-    card = predictor.card
-    chans = encode(prompts, crop, prev_k, int(round(card.click_radius)), card.prompt_decay,
-                   predictor.device)
-    index = getattr(predictor, "prompt_index", None)
-    if index is not None and list(index) != list(range(chans.shape[0])):
-        chans = chans[index]
-    return torch.cat([img[None], chans], 0)
+    """The network input ``Predictor.forward`` builds for one class on ``crop``, without its batch
+    axis: (C, *patch) float32 (``Predictor.make_input``: one place for both)."""
+    return predictor.make_input(image, prompts, prev_k, crop)[0]
 
 
 def first_view(predictor: Predictor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor]):
