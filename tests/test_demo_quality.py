@@ -22,13 +22,7 @@ HELD_OUT_SEED = 1000
 N_CASES = 9  # 6 with boxes, 3 without
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """A 0.6 M-parameter model: one thread is as fast as several, and far faster on a busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
