@@ -30,9 +30,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", default=env("INFER_WEIGHTS", "/workspace/weights"),
                    help="converted artifact folder (model_card.json) or nnInteractive release folder")
     p.add_argument("--device", default=env("INFER_DEVICE") or None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--seconds-per-class", type=float, default=float(env("INFER_SECONDS_PER_CLASS", "14")),
-                   help="time budget of one stage per class, from process start (the harness allows 90 s "
-                        "per class for all six stages together; default 14)")
+    p.add_argument("--seconds-per-class", type=float, default=float(env("INFER_SECONDS_PER_CLASS", "15")),
+                   help="time budget of one stage per class (the harness allows 90 s per class for all "
+                        "six stages together; default 15)")
+    p.add_argument("--reserve-seconds", type=float, default=float(env("INFER_RESERVE_SECONDS", "5")),
+                   help="taken off each stage's budget for what happens outside the predictor: container "
+                        "and interpreter start before this process counts, writing, exit (default 5)")
     p.add_argument("--no-autozoom", action="store_true", help="never zoom out and predict again")
     p.add_argument("--no-refine", action="store_true",
                    help="keep zoomed-out predictions as they are (no full-resolution refinement patches)")
@@ -124,7 +127,8 @@ def main(argv=None, clock=None) -> int:
             k = num_classes(case)
             if predictor is None:
                 raise RuntimeError("no model loaded")
-            deadline = (start if name == names[0] else t_case) + args.seconds_per_class * max(k, 1)
+            deadline = ((start if name == names[0] else t_case) + args.seconds_per_class * max(k, 1)
+                        - args.reserve_seconds)
             segs = predictor.predict(case, deadline=deadline, clock=clock)
         except Exception as exc:
             failures += 1

@@ -31,6 +31,8 @@ from .prompts import CHANNELS, ClassPrompts, class_prompts, encode, num_classes
 log = logging.getLogger("infer")
 
 Region = Tuple[torch.Tensor, Tuple[int, int, int], Tuple[int, int, int]]
+KEEP = 1.0 + 1e-3  # merge weight of a kept (previous) mask voxel
+CPU_SLOWDOWN = 100.0  # assumed cost of a CPU forward pass relative to the device's, for the budget
 
 
 def pick_device(name: Optional[str] = None) -> torch.device:
@@ -77,7 +79,7 @@ class _Merge:
 
     def add(self, k: int, prob: torch.Tensor, lo: Sequence[int], hi: Sequence[int]) -> None:
         sl = tuple(slice(l, h) for l, h in zip(lo, hi))
-        self.bg[sl] *= 1 - prob
+        self.bg[sl] *= 1 - prob.clamp(max=1.0)
         better = prob > self.best[sl]
         self.best[sl] = torch.where(better, prob, self.best[sl])
         self.label[sl] = torch.where(better, torch.full_like(self.label[sl], k), self.label[sl])
@@ -96,7 +98,7 @@ class Predictor:
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, device: Optional[str | torch.device] = None,
                  autozoom: bool = True, max_zoom: float = 4.0, context: float = 1 / 3,
-                 refine: bool = True, max_refine_patches: int = 8):
+                 refine: bool = True, max_refine_patches: int = 27):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.network = network.to(self.device).eval()
         self.card = card
@@ -153,6 +155,8 @@ class Predictor:
             prev_t = None
             if prev is not None and tuple(prev.shape) == shape:
                 prev_t = torch.from_numpy(np.ascontiguousarray(prev)).to(self.device)
+                if prev_t.dtype == torch.bool or (k_total > 255 and prev_t.dtype == torch.uint8):
+                    prev_t = prev_t.to(torch.int32)  # `uint8 == 300` would wrap to `== 44`
             elif prev is not None:
                 log.warning("%s: prev_pred shape %s != imgs shape %s: ignored", name, prev.shape, shape)
             merge = _Merge(shape, k_total, self.device)
@@ -209,11 +213,18 @@ class Predictor:
                                 max_zoom=self.max_zoom, context=self.context, refine=self.refine,
                                 max_refine_patches=self.max_refine_patches)
                 cpu.cpu_fallback = False
+                # a CPU pass is far slower than the device's: let the budget guard know up front
+                cpu.forward_s = self.forward_s * CPU_SLOWDOWN
                 yield cpu
                 self.forward_s = max(self.forward_s, cpu.forward_s)
             finally:
                 self.network.to(self.device)
         return twin()
+
+    def _sync(self) -> None:
+        """Wait for the device, so that a clock read after a forward pass measures the pass."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ steps
     def _merge_class(self, merge: _Merge, k: int, region: Optional[Region], prev_k: Optional[torch.Tensor]) -> None:
@@ -225,7 +236,9 @@ class Predictor:
         lo = tuple(min(b[0][a] for b in boxes) for a in range(3))
         hi = tuple(max(b[1][a] for b in boxes) for a in range(3))
         sl = tuple(slice(l, h) for l, h in zip(lo, hi))
-        prob = prev_k[sl].float() if prev_k is not None else torch.zeros(
+        # kept masks enter just above certainty, so that a saturated prediction of another class
+        # (softmax == 1.0 in float32) cannot take voxels from a class the harness called perfect
+        prob = prev_k[sl].float() * KEEP if prev_k is not None else torch.zeros(
             tuple(h - l for l, h in zip(lo, hi)), device=self.device)
         if region is not None:
             vals, rlo, rhi = region
@@ -268,12 +281,16 @@ class Predictor:
             try:
                 t = clock()
                 new = self.forward(image, prompts, prev_k, crop)
+                self._sync()
                 self.forward_s = max(clock() - t, 0.0)
             except torch.OutOfMemoryError:
                 if prob is None:
                     raise
                 log.warning("device out of memory at zoom %.2f: keeping the smaller zoom", max(crop.scale))
                 _free_device(self.device)
+                break
+            if prob is not None and bool((prob > 0.5).any()) and not bool((new > 0.5).any()):
+                log.warning("zooming out to %.2f lost the object: keeping the smaller zoom", max(crop.scale))
                 break
             prob, last = new, crop
             zoom = max(crop.scale)
@@ -304,7 +321,8 @@ class Predictor:
         starts = []
         for a in range(3):
             ext, p = bhi[a] - blo[a], self.patch[a]
-            n = max(1, -(-ext // max(int(p * 0.8), 1)))  # ceil: tiles overlap by a fifth at least
+            # one tile when the object fits, else enough tiles to overlap by at least a fifth
+            n = 1 if ext <= p else 1 + -(-(ext - p) // max(int(p * 0.8), 1))
             span = max(ext - p, 0)
             starts.append([blo[a] + (round(span * i / (n - 1)) if n > 1 else (ext - p) // 2) for i in range(n)])
         tiles = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
@@ -320,6 +338,7 @@ class Predictor:
             crop = Crop(lo=tuple(t), size=self.patch, patch=self.patch)
             t0 = clock()
             prob = self.forward(image, prompts, coarse, crop)
+            self._sync()
             self.forward_s = max(clock() - t0, 0.0)
             pv, plo, phi = patch_to_region(prob, crop, shape)
             # the tile's part inside the coarse region

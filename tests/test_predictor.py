@@ -206,3 +206,56 @@ def test_refinement_skipped_when_the_object_needs_too_many_patches():
     net = ChannelStub(channel=2)
     Predictor(net, card("3d"), "cpu", autozoom=False, refine=True, max_refine_patches=2).predict(case_with(boxes=boxes))
     assert net.calls == 1
+
+
+def test_class_numbers_above_255_do_not_wrap_against_a_uint8_prev_pred():
+    # K = 300; prev_pred (uint8, as the harness stores it) holds class 44, which now gets a click
+    # elsewhere and moves; class 300 (= 44 mod 256) is marked perfect and must not inherit 44's mask
+    prev = np.zeros((40, 50, 60), np.uint8)
+    prev[5:10, 5:10, 5:10] = 44
+    k = 300
+    clicks = [{"fg": [], "bg": []} for _ in range(k)]
+    order = [[None] for _ in range(k)]
+    clicks[43] = {"fg": [[30, 40, 50]], "bg": []}
+    order[43] = ["fg"]
+    segs = Predictor(ChannelStub(channel=4, threshold=0.1), card(), "cpu", autozoom=False, refine=False).predict(
+        case_with(clicks=clicks, clicks_order=order, prev_pred=prev))
+    assert segs.dtype == np.uint16
+    assert not (segs == 300).any()
+    assert (segs[5:10, 5:10, 5:10] == 0).all() and segs[30, 40, 50] == 44
+
+
+def test_a_perfect_class_keeps_its_voxels_against_a_saturated_prediction():
+    # class 1 predicts a ball with probability exactly 1.0 (huge logits) over class 2's kept mask
+    prev = np.zeros((40, 50, 60), np.uint8)
+    prev[18:23, 18:23, 18:23] = 2
+    net = ChannelStub(channel=4, threshold=0.1, gain=1e4)
+    clicks = [{"fg": [[20, 20, 20]], "bg": []}, {"fg": [], "bg": []}]
+    segs = Predictor(net, card(), "cpu", autozoom=False).predict(
+        case_with(clicks=clicks, clicks_order=[["fg"], [None]], prev_pred=prev))
+    assert (segs[18:23, 18:23, 18:23] == 2).all()
+    assert (segs == 1).sum() == ball(prev.shape, (20, 20, 20)).sum() - 125
+
+
+def test_one_refinement_tile_when_the_object_fits_the_patch():
+    # extent 30 along y: fits the 32-voxel patch -> exactly one tile (not 2 per axis)
+    boxes = [box_dict(10, 29, 5, 34, 20, 39)]  # (20, 30, 20) -> zoom (30 + 32/3)/32 = 1.27
+    net = ChannelStub(channel=2)
+    Predictor(net, card("3d"), "cpu", autozoom=False, refine=True).predict(case_with(boxes=boxes))
+    assert net.calls == 1 + 1
+
+
+def test_autozoom_keeps_the_smaller_zoom_when_zooming_out_loses_the_object():
+    class LosesAtZoom(torch.nn.Module):
+        """Everything foreground at zoom 1 (touches the border), nothing once zoomed out."""
+        calls = 0
+
+        def forward(self, x):
+            LosesAtZoom.calls += 1
+            level = 5.0 if LosesAtZoom.calls == 1 else -5.0
+            fg = torch.full_like(x[:, 0], level)
+            return torch.stack([torch.zeros_like(fg), fg], 1)
+
+    c = case_with(shape=(100, 100, 100), clicks=[{"fg": [[50, 50, 50]], "bg": []}], clicks_order=[["fg"]])
+    segs = Predictor(LosesAtZoom(), card(), "cpu", autozoom=True, refine=False).predict(c)
+    assert LosesAtZoom.calls == 2 and (segs == 1).sum() == 32 ** 3
