@@ -12,8 +12,11 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /workspace
 
 # The heavy layer first, so that code and weight changes rebuild in seconds. The requirements
-# file is removed again; squashing drops it without a trace.
-COPY requirements-image.txt /tmp/requirements-image.txt
+# file is removed again; squashing drops it without a trace. REQUIREMENTS picks the torch build:
+# requirements-image-cu12.txt (torch 2.8.0, CUDA 12.8: any NVIDIA driver >= 525; the default) or
+# requirements-image.txt (torch 2.13.0, CUDA 13.0: driver >= 580). build.sh --cuda 12|13 sets it.
+ARG REQUIREMENTS=requirements-image-cu12.txt
+COPY ${REQUIREMENTS} /tmp/requirements-image.txt
 RUN pip install --no-deps --no-input -r /tmp/requirements-image.txt \
     && rm -rf /tmp/requirements-image.txt /root/.cache
 

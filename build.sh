@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the submission image and save it as the tarball handed to the organizer.
 #
-#   ./build.sh [--weights DIR] [--name NAME] [--demo] [--out DIR]
+#   ./build.sh [--weights DIR] [--name NAME] [--demo] [--cuda 12|13] [--out DIR]
 #
 #   --weights DIR  weights folder copied to /workspace/weights: a converted artifact
 #                  (model_card.json + weights.pt) or an nnInteractive release folder.
@@ -11,10 +11,14 @@
 #                  named after the tarball, lower-cased and cut at its first '.' and first
 #                  '_', so NAME must be lower-case letters, digits and inner '-' only.
 #   --demo         allow the demo model (model card "demo": true); refused otherwise.
+#   --cuda 12|13   torch build in the image. 12 (default): torch 2.8.0 for CUDA 12.8
+#                  (requirements-image-cu12.txt), uses the GPU on any NVIDIA driver >= 525.
+#                  13: torch 2.13.0 for CUDA 13.0 (requirements-image.txt), needs driver >= 580;
+#                  on an older driver it runs on CPU, far over the time budget.
 #   --out DIR      where NAME.tar.gz goes (default: the current directory).
 #
 # Steps: check the arguments and that Docker answers (starts nothing), stage a build context
-# holding only Dockerfile, requirements-image.txt, infer/, predict.sh and the weights, build
+# holding only Dockerfile, the chosen requirements file, infer/, predict.sh and the weights, build
 # NAME:build, squash everything above the base image into one layer with docker-squash
 # (>= 1.2.0; installed into a throw-away virtual environment if missing), tag NAME:latest,
 # save NAME.tar.gz, print image size, tarball size and sha256.
@@ -24,23 +28,31 @@ ROOT=$(cd "$(dirname "$0")" && pwd)
 NAME=nnint
 WEIGHTS=
 DEMO=0
+CUDA=12
 OUT=.
 SQUASH_VERSION=1.2.2
 
 say() { echo "build.sh: $*"; }
 fail() { echo "build.sh: error: $*" >&2; exit 1; }
-usage() { sed -n '2,14s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,18s/^# \{0,1\}//p' "$0"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
         --weights) [ $# -ge 2 ] || fail "--weights needs a folder"; WEIGHTS=$2; shift 2 ;;
         --name) [ $# -ge 2 ] || fail "--name needs a value"; NAME=$2; shift 2 ;;
         --demo) DEMO=1; shift ;;
+        --cuda) [ $# -ge 2 ] || fail "--cuda needs a value: 12 or 13"; CUDA=$2; shift 2 ;;
         --out) [ $# -ge 2 ] || fail "--out needs a folder"; OUT=$2; shift 2 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; fail "unknown argument: $1" ;;
     esac
 done
+
+case "$CUDA" in
+    12) REQUIREMENTS=requirements-image-cu12.txt ;;
+    13) REQUIREMENTS=requirements-image.txt ;;
+    *) fail "--cuda '$CUDA' is not supported: use 12 (torch 2.8.0, CUDA 12.8, NVIDIA driver >= 525; the default) or 13 (torch 2.13.0, CUDA 13.0, driver >= 580)" ;;
+esac
 
 # The organizer derives the image name from the tarball: base name, lower-cased, cut at the
 # first '.' and then at the first '_'. Refuse any NAME that this would change.
@@ -63,7 +75,7 @@ if [ -f "$WEIGHTS/model_card.json" ]; then
 elif [ ! -f "$WEIGHTS/plans.json" ] || [ ! -f "$WEIGHTS/fold_0/checkpoint_final.pth" ]; then
     fail "'$WEIGHTS' is neither a converted artifact (model_card.json) nor an nnInteractive release folder (plans.json, fold_0/checkpoint_final.pth)"
 fi
-for f in Dockerfile .dockerignore requirements-image.txt predict.sh infer/__init__.py; do
+for f in Dockerfile .dockerignore "$REQUIREMENTS" predict.sh infer/__init__.py; do
     [ -e "$ROOT/$f" ] || fail "$ROOT/$f is missing"
 done
 mkdir -p "$OUT"
@@ -96,15 +108,15 @@ fi
 # A build context with nothing but what the image needs.
 CTX=$WORK/context
 mkdir -p "$CTX"
-cp "$ROOT/Dockerfile" "$ROOT/.dockerignore" "$ROOT/requirements-image.txt" "$ROOT/predict.sh" "$CTX/"
+cp "$ROOT/Dockerfile" "$ROOT/.dockerignore" "$ROOT/$REQUIREMENTS" "$ROOT/predict.sh" "$CTX/"
 cp -R "$ROOT/infer" "$CTX/infer"
 cp -RL "$WEIGHTS" "$CTX/weights"
 find "$CTX" \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
 
 now() { date +%s; }
 t0=$(now)
-say "building $NAME:build from $BASE with weights $WEIGHTS"
-docker build --build-arg WEIGHTS=weights -t "$NAME:build" "$CTX"
+say "building $NAME:build from $BASE with weights $WEIGHTS and $REQUIREMENTS (CUDA $CUDA)"
+docker build --build-arg WEIGHTS=weights --build-arg "REQUIREMENTS=$REQUIREMENTS" -t "$NAME:build" "$CTX"
 t1=$(now)
 
 say "squashing the layers above $BASE into one"

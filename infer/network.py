@@ -101,7 +101,19 @@ def normalize_arch(arch: dict) -> dict:
     return out
 
 
-class Conv3d(nn.Conv3d):
+class _NoInitOnMeta:
+    """Skips the random initialisation of parameters that live on the meta device (the network
+    is built there and then takes the loaded tensors, ``load_state_dict(assign=True)``): there is
+    nothing to initialise, and on torch 2.8 ``uniform_`` on a meta tensor imports
+    ``torch.fx.experimental.symbolic_shapes`` and with it sympy, which the image leaves out."""
+
+    def reset_parameters(self):
+        if self.weight.is_meta:
+            return
+        super().reset_parameters()
+
+
+class Conv3d(_NoInitOnMeta, nn.Conv3d):
     """nn.Conv3d (same parameters and state-dict keys) that, for float32 inference on the CPU,
     always runs oneDNN's convolution.
 
@@ -119,6 +131,10 @@ class Conv3d(nn.Conv3d):
                                                      list(self.padding), list(self.stride),
                                                      list(self.dilation), self.groups)
         return super()._conv_forward(input, weight, bias)
+
+
+class ConvTranspose3d(_NoInitOnMeta, nn.ConvTranspose3d):
+    """nn.ConvTranspose3d (same parameters and state-dict keys), not initialised on meta."""
 
 
 class ConvNormAct(nn.Module):
@@ -230,7 +246,7 @@ class Decoder(nn.Module):
         stages, ups, segs = [], [], []
         for s in range(1, a["n_stages"]):
             below, skip, stride = f[-s], f[-(s + 1)], a["strides"][-s]
-            ups.append(nn.ConvTranspose3d(below, skip, stride, stride, bias=bias))
+            ups.append(ConvTranspose3d(below, skip, stride, stride, bias=bias))
             stages.append(ConvStack(a["n_conv_per_stage_decoder"][s - 1], 2 * skip, skip,
                                     a["kernel_sizes"][-(s + 1)], 1, bias, a["norm_op_kwargs"],
                                     a["nonlin_kwargs"]))

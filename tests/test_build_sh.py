@@ -76,7 +76,7 @@ def repo(tmp_path):
     """A copy of the build files in a small fake repository, with demo and production weights."""
     r = tmp_path / "repo"
     r.mkdir()
-    for f in ("build.sh", "Dockerfile", ".dockerignore", "requirements-image.txt"):
+    for f in ("build.sh", "Dockerfile", ".dockerignore", "requirements-image.txt", "requirements-image-cu12.txt"):
         shutil.copy2(ROOT / f, r / f)
     (r / "predict.sh").write_text("#!/bin/sh\nexec python3 -m infer \"$@\"\n")
     (r / "infer" / "__pycache__").mkdir(parents=True)
@@ -139,7 +139,7 @@ def test_demo_build_squashes_and_saves_in_order(repo, fake, tmp_path):
                              "docker save", "docker image inspect"]
     build = calls[1].split()
     assert build[:2] == ["docker", "build"]
-    assert "--build-arg" in build and build[build.index("--build-arg") + 1] == "WEIGHTS=weights"
+    assert _build_args(build) == ["WEIGHTS=weights", "REQUIREMENTS=requirements-image-cu12.txt"]
     assert build[build.index("-t") + 1] == "team-a:build"
     # Everything above the base image is squashed into one layer, tagged NAME:latest.
     assert calls[2].split()[-1] == "python:3.13-slim-bookworm"
@@ -159,11 +159,45 @@ def test_demo_build_squashes_and_saves_in_order(repo, fake, tmp_path):
     # The context holds the build files, infer/ without bytecode, predict.sh and the chosen weights.
     context = (fake["log"].parent / "calls.log.context").read_text().split()
     assert context == sorted(["./.dockerignore", "./Dockerfile", "./infer/__init__.py",
-                              "./infer/predictor.py", "./predict.sh", "./requirements-image.txt",
+                              "./infer/predictor.py", "./predict.sh", "./requirements-image-cu12.txt",
                               "./weights/model_card.json", "./weights/weights.pt"])
     assert json.loads((fake["log"].parent / "calls.log.card").read_text())["demo"] is True
     # The staged context is a temporary folder, removed afterwards.
     assert not list(tmp_path.glob("build-sh.*"))
+
+
+def _build_args(build_call):
+    return [build_call[i + 1] for i, w in enumerate(build_call) if w == "--build-arg"]
+
+
+@pytest.mark.parametrize("cuda, reqs", [("12", "requirements-image-cu12.txt"),
+                                        ("13", "requirements-image.txt")])
+def test_cuda_choice_picks_the_requirements_file(repo, fake, tmp_path, cuda, reqs):
+    res, calls = run_build(repo, fake, "--demo", "--cuda", cuda, "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    (build,) = [c.split() for c in calls if c.startswith("docker build")]
+    assert _build_args(build) == ["WEIGHTS=weights", f"REQUIREMENTS={reqs}"]
+    # Only the chosen requirements file is staged, byte for byte the repository's.
+    context = (fake["log"].parent / "calls.log.context").read_text().split()
+    assert [f for f in context if "requirements" in f] == [f"./{reqs}"]
+    assert f"(CUDA {cuda})" in res.stdout
+
+
+@pytest.mark.parametrize("value, why", [("11", "--cuda '11' is not supported"),
+                                        ("cu12", "--cuda 'cu12' is not supported"),
+                                        (None, "--cuda needs a value")])
+def test_refuses_unknown_cuda(repo, fake, value, why):
+    res, calls = run_build(repo, fake, "--demo", "--cuda", *([value] if value else []))
+    assert res.returncode != 0
+    assert why in res.stderr
+    assert calls == []  # refused before anything touches Docker
+
+
+def test_missing_requirements_file_refused(repo, fake):
+    (repo / "requirements-image-cu12.txt").unlink()
+    res, calls = run_build(repo, fake, "--demo")
+    assert res.returncode != 0 and "requirements-image-cu12.txt is missing" in res.stderr
+    assert calls == []
 
 
 def test_previous_image_of_the_same_name_is_dropped(repo, fake, tmp_path):

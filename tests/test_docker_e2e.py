@@ -39,6 +39,8 @@ NAME = "e2etest"
 DEMO = ROOT / "weights" / "demo"
 SAMPLES = ROOT / "sample_inputs"
 BASE = "python:3.13-slim-bookworm"
+# What ./build.sh installs by default (--cuda 12: torch 2.8.0 for CUDA 12.8).
+REQUIREMENTS = "requirements-image-cu12.txt"
 # What the image's own Python may import: the predictor package and its runtime (torch ships
 # torchgen; `import torch` needs typing_extensions). sitecustomize is the base image's own hook
 # (Debian's interpreter has one), not something the image adds; the test checks where it lives.
@@ -201,7 +203,7 @@ def _inspect(tag: str) -> dict:
 def test_image_holds_only_python_torch_numpy_and_the_predictor(image):
     img, base = _inspect(image["tag"]), _inspect(BASE)
     reqs = {ln.split("==")[0].strip().lower().replace("_", "-")
-            for ln in (ROOT / "requirements-image.txt").read_text().splitlines()
+            for ln in (ROOT / REQUIREMENTS).read_text().splitlines()
             if ln.strip() and not ln.startswith("#")}
     assert set(img["dists"]) - set(base["dists"]) == reqs
     assert img["present"] == [], f"importable in the image: {img['present']}"

@@ -121,3 +121,20 @@ def test_infer_imports_without_reference_packages():
                          cwd=str(__import__("conftest").ROOT), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_meta_build_skips_random_init_but_cpu_build_keeps_it(monkeypatch):
+    """On the meta device the network is only a shape for load_state_dict(assign=True): no random
+    init runs there (torch 2.8's meta uniform_ imports sympy, which the CUDA 12 image leaves out).
+    Built on the CPU, the convolutions are initialised as nn.Conv3d / nn.ConvTranspose3d are."""
+    calls = []
+    real = nn.init.kaiming_uniform_
+    monkeypatch.setattr(nn.init, "kaiming_uniform_", lambda t, *a, **k: calls.append(t.device.type) or real(t, *a, **k))
+    with torch.device("meta"):
+        net = build_network(tiny_arch(), IN_CHANNELS, NUM_CLASSES)
+    assert calls == []
+    assert all(p.is_meta for p in net.parameters())
+    net = build_network(tiny_arch(), IN_CHANNELS, NUM_CLASSES)
+    n_convs = sum(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in net.modules())
+    assert calls == ["cpu"] * n_convs and n_convs > 0
+    assert all(p.abs().sum() > 0 for n, p in net.named_parameters() if n.endswith("conv.weight"))
