@@ -24,6 +24,8 @@ from typing import Sequence
 import numpy as np
 from scipy import integrate, ndimage
 
+from .clicks import class_labels
+
 try:
     from surface_distance.lookup_tables import create_table_neighbour_code_to_surface_area
 except ImportError as exc:  # pragma: no cover - exercised only without the dev requirements
@@ -98,29 +100,29 @@ def surface_dice(distances: dict, tolerance_mm: float) -> float:
         return overlap / total
 
 
-def _labels(gts):
-    return np.unique(gts)[1:]  # organizer: np.sort(pd.unique(gts.ravel()))[1:]
-
-
 def _mean(values):
     return float(np.mean(values)) if len(values) else float("nan")
 
 
-def multi_class_dsc(gts: np.ndarray, segs: np.ndarray) -> float:
-    """Mean over the labels of ``gts`` (smallest dropped) of the Dice of ``segs == c``."""
-    return _mean([dice(gts == c, segs == c) for c in _labels(gts)])
+def multi_class_dsc(gts: np.ndarray, segs: np.ndarray, labels=None) -> float:
+    """Mean over the labels of ``gts`` (smallest dropped; ``labels`` when already known) of the
+    Dice of ``segs == c``."""
+    return _mean([dice(gts == c, segs == c) for c in (class_labels(gts) if labels is None else labels)])
 
 
-def multi_class_nsd(gts: np.ndarray, segs: np.ndarray, spacing, tolerance_mm=NSD_TOLERANCE_MM) -> float:
+def multi_class_nsd(gts: np.ndarray, segs: np.ndarray, spacing, tolerance_mm=NSD_TOLERANCE_MM,
+                    labels=None) -> float:
     """Mean over the labels of ``gts`` of the surface Dice at ``tolerance_mm`` (no DSC gating)."""
     return _mean([surface_dice(surface_distances(gts == c, segs == c, spacing), tolerance_mm)
-                  for c in _labels(gts)])
+                  for c in (class_labels(gts) if labels is None else labels)])
 
 
-def stage_scores(gts: np.ndarray, segs: np.ndarray, spacing) -> tuple:
-    """``(dsc, nsd)`` of one stage: NSD is 0.0 unless the mean DSC is > 0.2 (a NaN DSC gates too)."""
-    dsc = multi_class_dsc(gts, segs)
-    nsd = multi_class_nsd(gts, segs, spacing) if dsc > NSD_MIN_DSC else 0.0
+def stage_scores(gts: np.ndarray, segs: np.ndarray, spacing, labels=None) -> tuple:
+    """``(dsc, nsd)`` of one stage: NSD is 0.0 unless the mean DSC is > 0.2 (a NaN DSC gates too).
+    ``labels``: ``class_labels(gts)`` when the caller has it already."""
+    labels = class_labels(gts) if labels is None else labels
+    dsc = multi_class_dsc(gts, segs, labels)
+    nsd = multi_class_nsd(gts, segs, spacing, labels=labels) if dsc > NSD_MIN_DSC else 0.0
     return dsc, nsd
 
 

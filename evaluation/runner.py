@@ -315,7 +315,7 @@ def evaluate_case(image_path, gts_path, runner: Callable, workdir, log: Callable
             result.missing[k] = problem
             log(f"{name} stage {k + 1}: {problem}; scored as an all-zero prediction")
         scored = np.zeros(gts.shape, np.uint8) if prev is None else prev
-        result.dsc[k], result.nsd[k] = stage_scores(gts, scored, spacing)
+        result.dsc[k], result.nsd[k] = stage_scores(gts, scored, spacing, labels)
         if keep_segs:
             result.segs.append(scored.astype(np.uint8))
     return result

@@ -138,7 +138,7 @@ def crop_to_patch(src: torch.Tensor, crop: Crop, origin: Sequence[int] = (0, 0, 
                   pad: float = 0.0, mode: str = "linear") -> torch.Tensor:
     """Resample the crop of a volume to the patch.
 
-    ``src``: (..., d, h, w) float tensor holding the volume's values at volume coordinates
+    ``src``: (..., d, h, w) tensor (a bool / integer mask is read as float32) holding the volume's values at volume coordinates
     ``origin + index`` (``origin`` = (0, 0, 0) for a whole volume; a small tensor with another
     origin stands for a volume that is ``pad`` everywhere else). Returns (..., *crop.patch), equal
     to ``interpolate(padded_crop, crop.patch, mode="trilinear", align_corners=False)``, or with
@@ -154,10 +154,11 @@ def crop_to_patch(src: torch.Tensor, crop: Crop, origin: Sequence[int] = (0, 0, 
         s0 = min(max(crop.lo[a] - origin[a], 0), n)
         s1 = max(min(crop.hi[a] - origin[a], n), s0)
         if s1 == s0:  # the crop misses the source entirely
-            return torch.full(src.shape[:lead] + tuple(crop.patch), pad, dtype=src.dtype, device=src.device)
+            dtype = src.dtype if src.is_floating_point() else torch.float32
+            return torch.full(src.shape[:lead] + tuple(crop.patch), pad, dtype=dtype, device=src.device)
         src = src.narrow(lead + a, s0, s1 - s0)
         origin[a] += s0
-    out = src
+    out = src if src.is_floating_point() else src.float()  # masks: convert only the part read
     for a in _axis_order(crop.size, crop.patch):
         off = crop.lo[a] - origin[a]
         if mode == "area":

@@ -280,13 +280,6 @@ class ResidualEncoderUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
 
-    def divisor(self) -> list[int]:
-        """Product of the strides per axis (z, y, x): spatial sizes must be multiples of it."""
-        out = [1, 1, 1]
-        for st in self.arch["strides"]:
-            out = [o * s for o, s in zip(out, st)]
-        return out
-
 
 def build_network(arch_kwargs: dict, input_channels: int, num_classes: int) -> ResidualEncoderUNet:
     """Build the network from an architecture block (see normalize_arch). Parameters are freshly

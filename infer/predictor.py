@@ -162,15 +162,16 @@ class Predictor:
             merge = _Merge(shape, k_total, self.device)
             for k in range(1, k_total + 1):
                 prev_k = (prev_t == k) if prev_t is not None else None
+                pbox = bbox_of(prev_k) if prev_k is not None else None
                 try:
                     if not self._fits(deadline, clock):
                         raise TimeoutError("time budget spent: keeping the previous mask")
                     prompts = class_prompts(case, k, self.card.box_style)
-                    region = self._predict_class_guarded(image, prompts, prev_k, deadline, clock, name, k)
+                    region = self._predict_class_guarded(image, prompts, prev_k, deadline, clock, name, k, pbox)
                 except Exception as exc:  # one class never stops the others
                     log.error("%s: class %d: %s: %s", name, k, type(exc).__name__, _first_line(exc))
                     region = None
-                self._merge_class(merge, k, region, prev_k)
+                self._merge_class(merge, k, region, prev_k, pbox)
             return merge.result(k_total)
 
     # ------------------------------------------------------------------ guards
@@ -178,17 +179,17 @@ class Predictor:
         """Whether one more forward pass (as long as the last one) ends before ``deadline``."""
         return deadline is None or clock() + self.forward_s <= deadline
 
-    def _predict_class_guarded(self, image, prompts, prev_k, deadline, clock, name, k) -> Optional[Region]:
+    def _predict_class_guarded(self, image, prompts, prev_k, deadline, clock, name, k, pbox=None) -> Optional[Region]:
         """``predict_class`` with the out-of-memory ladder: as planned, then at zoom 1 without
         autozoom on the same device, then (device not the CPU) at zoom 1 on the CPU."""
         try:
-            return self.predict_class(image, prompts, prev_k, deadline, clock)
+            return self.predict_class(image, prompts, prev_k, deadline, clock, prev_box=pbox)
         except torch.OutOfMemoryError as exc:
             log.warning("%s: class %d: device out of memory (%s): retrying at zoom 1 without autozoom",
                         name, k, _first_line(exc))
         _free_device(self.device)
         try:
-            return self.predict_class(image, prompts, prev_k, deadline, clock, max_zoom=1.0)
+            return self.predict_class(image, prompts, prev_k, deadline, clock, max_zoom=1.0, prev_box=pbox)
         except torch.OutOfMemoryError as exc:
             if not self.cpu_fallback:
                 raise
@@ -197,7 +198,7 @@ class Predictor:
         _free_device(self.device)
         with self._on_cpu() as cpu:
             region = cpu.predict_class(image.cpu(), prompts, None if prev_k is None else prev_k.cpu(),
-                                       deadline, clock, max_zoom=1.0)
+                                       deadline, clock, max_zoom=1.0, prev_box=pbox)
         return None if region is None else (region[0].to(self.device), region[1], region[2])
 
     def _on_cpu(self):
@@ -227,9 +228,10 @@ class Predictor:
             torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ steps
-    def _merge_class(self, merge: _Merge, k: int, region: Optional[Region], prev_k: Optional[torch.Tensor]) -> None:
-        """Merge one class: its new probabilities over ``region`` and its previous mask elsewhere."""
-        pbox = bbox_of(prev_k) if prev_k is not None else None
+    def _merge_class(self, merge: _Merge, k: int, region: Optional[Region], prev_k: Optional[torch.Tensor],
+                     pbox=None) -> None:
+        """Merge one class: its new probabilities over ``region`` and its previous mask elsewhere
+        (``pbox``: the previous mask's bounding box, as ``bbox_of(prev_k)``)."""
         if region is None and pbox is None:
             return
         boxes = [b for b in (pbox, region and (region[1], region[2])) if b is not None]
@@ -245,23 +247,26 @@ class Predictor:
             prob[tuple(slice(a - l, b - l) for a, b, l in zip(rlo, rhi, lo))] = vals.float()
         merge.add(k, prob, lo, hi)
 
-    def initial_view(self, prompts: ClassPrompts, prev_k: Optional[torch.Tensor]) -> Tuple[list, float]:
+    def initial_view(self, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
+                     prev_box=None) -> Tuple[list, float]:
         """(centre, zoom) of the first crop. Box stage: centred on the box's 3D extent, zoomed so it
         fits with context. Click stage: centred on the newest click, zoomed so that the previous
-        mask and the box fit around it too."""
+        mask and the box fit around it too. ``prev_box``: ``bbox_of(prev_k)`` when already known."""
         if not prompts.clicks:
             lo, hi = prompts.extent  # type: ignore[misc]
             center = [(l + h - 1) / 2.0 for l, h in zip(lo, hi)]
             return center, zoom_for_extent([h - l for l, h in zip(lo, hi)], self.patch, self.context, 1.0, self.max_zoom)
         c = prompts.clicks[-1][1]
-        boxes = [b for b in (prompts.extent, bbox_of(prev_k) if prev_k is not None else None) if b is not None]
+        if prev_box is None and prev_k is not None:
+            prev_box = bbox_of(prev_k)
+        boxes = [b for b in (prompts.extent, prev_box) if b is not None]
         # half-width around the click that covers every box, as a full extent
         ext = [2 * max([0] + [max(c[a] - b[0][a], b[1][a] - 1 - c[a]) for b in boxes]) + 1 for a in range(3)]
         return list(c), zoom_for_extent(ext, self.patch, self.context, 1.0, self.max_zoom)
 
     def predict_class(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                       deadline: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
-                      max_zoom: Optional[float] = None) -> Optional[Region]:
+                      max_zoom: Optional[float] = None, prev_box=None) -> Optional[Region]:
         """Predict one class. Returns ``(prob, lo, hi)``: foreground probability over the part
         ``[lo, hi)`` of the volume that the final crop covers, or None to keep the previous mask
         (class marked done, nothing to prompt with, or no time for a forward pass).
@@ -274,7 +279,7 @@ class Predictor:
         shape = tuple(image.shape)
         autozoom = self.autozoom and max_zoom is None
         max_zoom = self.max_zoom if max_zoom is None else min(max_zoom, self.max_zoom)
-        center, zoom = self.initial_view(prompts, prev_k)
+        center, zoom = self.initial_view(prompts, prev_k, prev_box)
         crop = make_crop(center, min(zoom, max_zoom), self.patch)
         prob = None
         while self._fits(deadline, clock):

@@ -157,7 +157,7 @@ def encode(prompts: ClassPrompts, crop: Crop, prev_mask: Optional[torch.Tensor],
     mode = "area" if zoom > 1 else "linear"
     out = torch.zeros((7,) + tuple(crop.patch), dtype=torch.float32, device=dev)
     if prev_mask is not None:
-        out[0] = crop_to_patch(prev_mask.to(dev, torch.float32), crop, mode=mode)
+        out[0] = crop_to_patch(prev_mask.to(dev), crop, mode=mode)
     if prompts.box is not None:
         lo, hi = prompts.box
         block = torch.ones(tuple(h - l for l, h in zip(lo, hi)), device=dev)

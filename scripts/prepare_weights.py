@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+from infer.weights import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "nnInteractive/nnInteractive"
@@ -34,11 +35,6 @@ PROVENANCE = "provenance.json"
 
 class PrepareError(RuntimeError):
     """The weights cannot be fetched, found or converted."""
-
-
-def sha256_file(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def download_release(repo_id: str, model: str, revision: str | None, download_dir) -> tuple[Path, str]:

@@ -178,5 +178,5 @@ def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng
         crop = training_crop(predictor, prompts, prev_k, steps)
     with torch.no_grad():
         x = make_input(predictor, image, prompts, prev_k, crop)
-        target = (crop_to_patch(torch.from_numpy(gt).to(dev, torch.float32), crop) > 0.5).float()
+        target = (crop_to_patch(torch.from_numpy(gt).to(dev), crop) > 0.5).float()
     return Example(x, target, first, click, first_pred, crop, prompts)
