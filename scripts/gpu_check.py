@@ -722,7 +722,7 @@ def section_forward(run: Run) -> dict:
     if half:
         out["peak_bytes"] = torch.cuda.max_memory_allocated()
         out["weights_bytes"] = sum(p.numel() * p.element_size() for p in net.parameters())
-    del net, x, y
+    net = x = y = None  # free the device memory before the next section
     if half:
         torch.cuda.empty_cache()
     return out
@@ -833,7 +833,9 @@ def section_oom_ladder(run: Run) -> dict:
         out["scenarios"][scenario] = res
         run.say(f"  {scenario}: caps tried {[round(c / GB, 2) for c in res['caps_bytes']]} GB, rungs "
                 f"{res['rungs'] or 'none'}, output {'written' if res['output_ok'] else 'MISSING'}")
-    out["ok"] = all(s["output_ok"] and bool(s["rungs"]) for s in out["scenarios"].values())
+    # passed: an output of the right shape, a rung named in the log, no class left behind on an error
+    out["ok"] = all(s["output_ok"] and bool(s["rungs"]) and not s["class_errors"]
+                    for s in out["scenarios"].values())
     return out
 
 
@@ -878,7 +880,7 @@ def ladder_child(cfg: dict) -> dict:
     pred.network = Measured(inner)
     weights_bytes = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    pred.predict(case)
+    uncapped = pred.predict(case)
     stats["outside"] = max(stats["outside"], torch.cuda.max_memory_allocated())
     pred.network = inner
     total = torch.cuda.get_device_properties(0).total_memory
@@ -887,7 +889,7 @@ def ladder_child(cfg: dict) -> dict:
     else:
         base, top = weights_bytes, stats["outside"]
     caps = [int(base + f * (top - base)) for f in (0.5, 0.2, 0.02)] if top > base else [int(base)]
-    tried, rungs, log_tail, output_ok, shape = [], [], [], False, None
+    tried, rungs, errors, log_tail, output_ok, shape = [], [], [], [], False, None
     for cap in caps:
         gc_collect()
         torch.cuda.empty_cache()
@@ -899,6 +901,7 @@ def ladder_child(cfg: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction(1.0)
         tried.append(cap)
         rungs = ladder_rungs("\n".join(records))
+        errors = [r for r in records if re.search(r"class \d+: \w+(Error|Exception)", r)]
         log_tail = records[-6:]
         write_segs(cfg["output"], segs)
         output_ok = Path(cfg["output"]).is_file() and tuple(segs.shape) == tuple(case["imgs"].shape)
@@ -907,8 +910,9 @@ def ladder_child(cfg: dict) -> dict:
             break
     return {"scenario": cfg["scenario"], "weights_bytes": weights_bytes, "peak_outside_forward": stats["outside"],
             "allocated_before_forward": stats["before_forward"], "peak_in_forward": stats["forward"],
-            "caps_bytes": tried, "rungs": rungs, "log": log_tail, "output_ok": output_ok,
-            "output_shape": shape, "capped_predict_s": dt}
+            "caps_bytes": tried, "rungs": rungs, "class_errors": errors, "log": log_tail,
+            "output_ok": output_ok, "output_shape": shape, "capped_predict_s": dt,
+            "dice_vs_uncapped": dice_per_class(segs, uncapped, int(uncapped.max(initial=0)) or 1)}
 
 
 def gc_collect():
