@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("build.sh", "predict.sh", "scripts/ci_docker.sh")
+SCRIPTS = ("build.sh", "predict.sh", *sorted(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("*.sh")))
 
 
 def _tool(name):
