@@ -62,7 +62,9 @@ def test_nninteractive_v1_architecture_matches_dna_key_for_key():
     assert ours_shapes == ref_shapes
     n_ours = sum(p.numel() for p in ours.parameters())
     assert n_ours == sum(p.numel() for p in ref.parameters())
-    assert 101e6 < n_ours < 103e6  # CONTRACT.md: 102 M parameters
+    # nnInteractive v1.0 (the ResEnc-L preset) is a 102 M-parameter network; dynamic-network-
+    # architectures, the reference built above, counts the same number
+    assert 101e6 < n_ours < 103e6
     assert ours_shapes["encoder.stem.convs.0.conv.weight"] == (32, 8, 3, 3, 3)
     assert ours_shapes["decoder.seg_layers.4.weight"] == (2, 32, 1, 1, 1)
 
