@@ -50,6 +50,7 @@ def test_bench_runs_end_to_end_and_prints_every_row(tmp_path):
     assert data["write"]["median"] > 0
 
 
+@pytest.mark.slow
 def test_probe_counts_every_network_pass(tmp_path):
     # The probe's hooks see each forward pass: a network that records its calls is the reference.
     from scripts import bench_probe

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from evaluation.report import error_notes, error_summary
 from evaluation.runner import ColdRunner, CaseResult, first_error_line
@@ -83,6 +84,7 @@ def test_cold_runner_reports_the_stage_error_and_logs_everything(tmp_path):
     assert (tmp_path / "predict.log").read_text() == CUDA_LOG * 2
 
 
+@pytest.mark.slow
 def test_summary_and_notes_say_why_every_stage_scored_zero(tmp_path):
     case = ROOT / "sample_inputs" / "CT_sample_box.npz"
     with np.load(case, allow_pickle=False) as f:

@@ -29,6 +29,7 @@ def randomize(net, seed):
     return net.eval()
 
 
+@pytest.mark.slow
 def test_dna_state_dict_loads_strictly_into_ours_and_outputs_match():
     ref = randomize(dna_network(tiny_arch()), seed=1)
     ours = build_network(tiny_arch(), IN_CHANNELS, NUM_CLASSES).eval()
@@ -44,6 +45,7 @@ def test_dna_state_dict_loads_strictly_into_ours_and_outputs_match():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_our_state_dict_loads_strictly_into_dna_and_outputs_match():
     ours = tiny_network(seed=3)
     ref = dna_network(tiny_arch()).eval()
@@ -110,6 +112,7 @@ def test_wrong_network_class_is_refused():
         normalize_arch({"network_class_name": "x.PlainConvUNet", "arch_kwargs": tiny_arch()})
 
 
+@pytest.mark.slow
 def test_infer_imports_without_reference_packages():
     code = ("import sys\n"
             "for m in ('dynamic_network_architectures', 'nnunetv2', 'nnInteractive', 'nninteractive'):\n"

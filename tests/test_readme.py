@@ -179,6 +179,7 @@ def test_documented_scripts_print_help(argv):
     assert "--weights" in r.stdout
 
 
+@pytest.mark.slow
 def test_readme_python_example_runs_on_a_sample_case():
     (code,) = [text for info, text in _blocks(ROOT / "README.md") if info.strip() == "python"]
     assert len(code.strip().splitlines()) <= 6
