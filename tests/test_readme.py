@@ -43,9 +43,13 @@ def _shell_lines(text: str):
 
 
 def _inline_commands(path: Path):
-    """Inline code spans that read as commands to type (outside fenced blocks)."""
+    """Commands outside fenced blocks: inline code spans and indented (4-space) code lines that
+    start with one of ``COMMAND_STARTS`` (after ``VAR=value`` prefixes)."""
     prose = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.S | re.M)
-    return [span for span in re.findall(r"`([^`\n]+)`", prose) if span.startswith(COMMAND_STARTS)]
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    indented = [re.split(r"\s+#\s", l.strip(), maxsplit=1)[0] for l in re.findall(r"^    (\S.*)$", prose, flags=re.M)]
+    bare = lambda c: re.sub(r"^([A-Z_][A-Z0-9_]*=\S*\s+)+", "", c)  # noqa: E731
+    return [c for c in spans + indented if bare(c).startswith(COMMAND_STARTS)]
 
 
 def _commands(path: Path):
