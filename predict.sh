@@ -3,7 +3,7 @@
 # (dash: POSIX sh only). Segments every case in the inputs folder into the outputs folder.
 #
 #   sh predict.sh [--inputs DIR] [--outputs DIR] [--weights DIR] [--device cpu|cuda] ...
-#   sh predict.sh --help          (every option, its default and its environment variable)
+#   sh predict.sh --help          (every option)
 #
 # Defaults: /workspace/inputs, /workspace/outputs, /workspace/weights; the environment variables
 # INFER_INPUTS, INFER_OUTPUTS, INFER_WEIGHTS, INFER_DEVICE override them, flags override both.
