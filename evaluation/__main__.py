@@ -24,8 +24,9 @@ import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from .report import plot_report, summary_line, write_csv
+from .report import error_summary, plot_report, summary_line, write_csv
 from .runner import REPO_ROOT, ColdRunner, DockerRunner, WarmRunner, evaluate_case
 from . import shard as sharding
 
@@ -43,11 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--docker", metavar="IMAGE_OR_TARBALL", help="one 'docker run' per stage")
     p.add_argument("--weights", default=os.environ.get("INFER_WEIGHTS", str(REPO_ROOT / "weights")),
                    help="weights folder for cold and warm modes (default $INFER_WEIGHTS or weights/)")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="passed as INFER_DEVICE / device=")
-    p.add_argument("--predict-sh", type=Path, default=REPO_ROOT / "predict.sh", help="cold mode script")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="passed as INFER_DEVICE / device= "
+                   "(default: the predictor's choice, cuda when present)")
+    p.add_argument("--predict-sh", type=Path, default=REPO_ROOT / "predict.sh",
+                   help="cold mode script (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="worker processes, each scoring its "
                    "share of the cases on its own GPU (CPU processes without GPUs); the report is "
-                   "the one-worker report, but timings are only representative with 1")
+                   "the one-worker report, but timings are only representative with 1 (default: %(default)s)")
     shards = p.add_mutually_exclusive_group()
     shards.add_argument("--shard", metavar="I/N", help="score only cases I, I+N, I+2N, ... and "
                         "write OUT/shards/shard-I-of-N.json and .csv (no report)")
@@ -59,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     gpus = p.add_mutually_exclusive_group()
     gpus.add_argument("--gpus", dest="gpus", action="store_true", default=None,
                       help="docker mode: pass the GPU (default: when nvidia-smi lists one)")
-    gpus.add_argument("--no-gpus", dest="gpus", action="store_false")
+    gpus.add_argument("--no-gpus", dest="gpus", action="store_false", help="docker mode: run without GPU")
     p.add_argument("--ignore-budget", action="store_true", help="report the scores of cases over "
                    "90 s x K instead of 0 (they are flagged either way)")
-    p.add_argument("--limit", type=int, help="only the first N cases")
+    p.add_argument("--limit", type=int, help="only the first N cases (default: all)")
     p.add_argument("--keep-work", action="store_true", help="keep OUT/work/<case>/inputs|outputs")
     return p
 
@@ -112,14 +115,15 @@ def main(argv=None) -> int:
     results = []
     bar = tqdm(total=len(cases), desc=f"evaluating ({mode})", unit="case", disable=shard is not None)
     try:
-        for image in cases:
-            r = one(image)
-            bar.update(1)
-            if shard is not None:
-                print(sharding.DONE_MARK + image.name, flush=True)
-            if r is not None:
-                results.append(r)
-                bar.set_postfix(DSC_Final=f"{r.dsc[-1]:.3f}", time=f"{r.total_time:.0f}s")
+        with logging_redirect_tqdm():  # the predictor's own log lines (warm mode) above the bar
+            for image in cases:
+                r = one(image)
+                bar.update(1)
+                if shard is not None:
+                    print(sharding.DONE_MARK + image.name, flush=True)
+                if r is not None:
+                    results.append(r)
+                    bar.set_postfix(DSC_Final=f"{r.dsc[-1]:.3f}", time=f"{r.total_time:.0f}s")
     finally:
         bar.close()
         if not args.keep_work:
@@ -139,6 +143,10 @@ def report(args, results, mode: str) -> int:
     line = summary_line(results, zero_over_budget=zero, mode=mode)
     plot_report(results, args.out / "report.png", title=line)
     print(line)
+    errors = error_summary(results)
+    if errors:  # e.g. every stage fell back to zeros: say why, and where the whole output is
+        log = args.out / "predict.log"
+        print(errors + (f" (all predictor output: {log})" if mode == "cold" and log.is_file() else ""))
     print(f"wrote {args.out / 'metrics.csv'} and {args.out / 'report.png'}")
     return 0 if results else 1
 

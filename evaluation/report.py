@@ -3,7 +3,8 @@
 CSV columns: the organizer's, in its order (``CaseName, TotalRunningTime, RunningTime_1..6,
 DSC_AUC, NSD_AUC, DSC_Final, NSD_Final, DSC_1..6, NSD_1..6, num_class, runtime_upperbound``),
 then ``OverBudget``, ``MissingOutputs`` (stages that ran but left no usable output), ``HasBoxes``
-and ``Notes``. Floats are written at full precision (shortest round-trip, as pandas does); NaN
+and ``Notes`` (what happened: the first error line each stage's predictor reported, identical
+ones of consecutive stages merged, and the missing outputs). Floats are written at full precision (shortest round-trip, as pandas does); NaN
 is an empty cell (pandas' default). Over the 90 s x K budget, DSC_AUC / NSD_AUC / DSC_Final /
 NSD_Final are written as 0 (the challenge rule; the organizer's script only warns) unless
 ``zero_over_budget`` is False; the per-stage DSC_k / NSD_k always hold the measured values.
@@ -19,7 +20,7 @@ import numpy as np
 
 from .runner import N_STAGES, CaseResult
 
-__all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "plot_report"]
+__all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "error_summary", "plot_report"]
 
 ORGANIZER_COLUMNS = (["CaseName", "TotalRunningTime"]
                      + [f"RunningTime_{k}" for k in range(1, N_STAGES + 1)]
@@ -44,11 +45,39 @@ def case_row(r: CaseResult, zero_over_budget: bool = True) -> dict:
     row.update(_scores(r, zero_over_budget))
     row.update({f"DSC_{k + 1}": float(v) for k, v in enumerate(r.dsc)})
     row.update({f"NSD_{k + 1}": float(v) for k, v in enumerate(r.nsd)})
-    notes = list(r.notes) + [f"stage {k + 1}: {m}" for k, m in enumerate(r.missing) if m]
+    notes = list(r.notes) + error_notes(r.errors) + [f"stage {k + 1}: {m}" for k, m in enumerate(r.missing) if m]
     row.update({"num_class": r.n_classes, "runtime_upperbound": r.budget_s,
                 "OverBudget": r.over_budget, "MissingOutputs": r.n_missing,
                 "HasBoxes": r.has_boxes, "Notes": " | ".join(notes)})
     return row
+
+
+def error_notes(errors) -> List[str]:
+    """``["stages 1-6: <line>", ...]``: one note per run of consecutive stages with the same error."""
+    notes, k = [], 0
+    while k < len(errors):
+        if not errors[k]:
+            k += 1
+            continue
+        j = k
+        while j + 1 < len(errors) and errors[j + 1] == errors[k]:
+            j += 1
+        notes.append(f"{'stage' if j == k else 'stages'} {k + 1}{'' if j == k else f'-{j + 1}'}: {errors[k]}")
+        k = j + 1
+    return notes
+
+
+def error_summary(results: List[CaseResult]) -> str:
+    """"" when no stage reported an error, else one line: how many stages of how many cases did,
+    and the first one's error."""
+    bad = [(r.name, k, e) for r in results for k, e in enumerate(r.errors) if e]
+    if not bad:
+        return ""
+    name, k, first = bad[0]
+    cases = len({b[0] for b in bad})
+    ran = sum(sum(r.ran) for r in results)
+    return (f"{len(bad)} of {ran} stages ({cases} case{'s' if cases != 1 else ''}) reported errors; "
+            f"first ({name}, stage {k + 1}): {first}")
 
 
 def _cell(value):

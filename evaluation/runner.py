@@ -2,7 +2,10 @@
 
 A *stage runner* is any callable ``runner(inputs_dir: Path, outputs_dir: Path) -> float``: it
 predicts the single case in ``inputs_dir`` into ``outputs_dir/<same file name>`` (key ``segs``)
-and returns the seconds the stage took. :func:`evaluate_case` does not know which runner it has:
+and returns the seconds the stage took. A runner may also set ``last_problem`` after each call:
+one line saying what went wrong in that stage (None when nothing did), which
+:func:`evaluate_case` keeps in ``CaseResult.errors`` and the report shows. :func:`evaluate_case`
+does not otherwise know which runner it has:
 
 - :class:`ColdRunner`: ``sh predict.sh`` in a fresh process with ``INFER_INPUTS`` /
   ``INFER_OUTPUTS`` / ``INFER_WEIGHTS`` / ``INFER_DEVICE``, as the container runs it (what the
@@ -36,6 +39,7 @@ Deliberate differences from the organizer's script, all in the direction of show
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,11 +66,35 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------
 # runners
 # --------------------------------------------------------------------------------------------
+# A line of predictor output that reports a failure: an exception name, a traceback, or the words
+# the predictor and predict.sh use for failures.
+_ERROR_LINE = re.compile(r"Traceback|\w+(Error|Exception)\b|\bcannot\b|\bfailed\b|\bno output\b|"
+                         r"\bnot found\b|No such file")
+
+
+def first_error_line(output: str, returncode: int = 0) -> Optional[str]:
+    """The first line of a stage's output that reports a failure, else (for a non-zero exit
+    status) the status and the last line; None when neither. A traceback is reported by its
+    last line (the exception), not by its ``Traceback`` header."""
+    lines = [l.strip() for l in output.splitlines() if l.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            rest = [l for l in lines[i + 1:] if not l.startswith(("File ", "^", "~"))]
+            exc = next((l for l in rest if re.match(r"[\w.]+(Error|Exception|Exit|Interrupt)\b", l)), None)
+            return exc or line
+        if _ERROR_LINE.search(line):
+            return line
+    if returncode:
+        return f"exit status {returncode}" + (f": {lines[-1]}" if lines else " (no output)")
+    return None
+
+
 class ColdRunner:
     """``sh predict.sh`` per stage, in a fresh process, timed from start to exit.
 
     ``INFER_INPUTS`` / ``INFER_OUTPUTS`` point at the stage's folders; ``INFER_WEIGHTS`` and
-    ``INFER_DEVICE`` are set when given. stdout/stderr go to ``log_path`` (appended) if given.
+    ``INFER_DEVICE`` are set when given. stdout/stderr go to ``log_path`` (appended) if given;
+    ``last_problem`` is the first error line of the last stage (:func:`first_error_line`).
     """
 
     def __init__(self, predict_sh=None, weights=None, device=None, log_path=None, cwd=None):
@@ -75,6 +103,7 @@ class ColdRunner:
             raise FileNotFoundError(f"cold mode needs {self.predict_sh}")
         self.cwd = Path(cwd or self.predict_sh.parent)
         self.weights, self.device, self.log_path = weights, device, log_path
+        self.last_problem: Optional[str] = None
 
     def __call__(self, inputs_dir: Path, outputs_dir: Path) -> float:
         env = dict(os.environ, INFER_INPUTS=str(Path(inputs_dir).resolve()),
@@ -84,15 +113,15 @@ class ColdRunner:
             env["INFER_WEIGHTS"] = str(Path(self.weights).resolve())
         if self.device:
             env["INFER_DEVICE"] = self.device
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        try:
-            start = time.perf_counter()
-            subprocess.run(["sh", str(self.predict_sh)], cwd=self.cwd, env=env,
-                           stdout=log, stderr=subprocess.STDOUT, check=False)
-            return time.perf_counter() - start
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()
+        start = time.perf_counter()
+        proc = subprocess.run(["sh", str(self.predict_sh)], cwd=self.cwd, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
+        seconds = time.perf_counter() - start
+        if self.log_path:
+            with open(self.log_path, "ab") as log:
+                log.write(proc.stdout)
+        self.last_problem = first_error_line(proc.stdout.decode(errors="replace"), proc.returncode)
+        return seconds
 
 
 class WarmRunner:
@@ -104,6 +133,7 @@ class WarmRunner:
         from infer.io import read_case, write_segs  # the image's own reader and writer
         self.predict, self.log = predict, log
         self._read, self._write = read_case, write_segs
+        self.last_problem: Optional[str] = None
 
     @classmethod
     def from_weights(cls, weights, device=None, log: Callable = print):
@@ -112,12 +142,15 @@ class WarmRunner:
 
     def __call__(self, inputs_dir: Path, outputs_dir: Path) -> float:
         start = time.perf_counter()
+        self.last_problem = None
         for path in sorted(Path(inputs_dir).glob("*.npz")):
             try:
                 segs = self.predict(self._read(path))
                 self._write(Path(outputs_dir) / path.name, np.asarray(segs))
             except Exception as exc:  # noqa: BLE001 - a failing stage is scored, not fatal
-                self.log(f"{path.name}: warm predictor failed: {type(exc).__name__}: {exc}")
+                message = f"{path.name}: warm predictor failed: {type(exc).__name__}: {exc}"
+                self.last_problem = self.last_problem or message
+                self.log(message)
         return time.perf_counter() - start
 
 
@@ -199,6 +232,7 @@ class CaseResult:
     nsd: List[float] = field(default_factory=lambda: [0.0] * N_STAGES)
     ran: List[bool] = field(default_factory=lambda: [False] * N_STAGES)
     missing: List[Optional[str]] = field(default_factory=lambda: [None] * N_STAGES)
+    errors: List[Optional[str]] = field(default_factory=lambda: [None] * N_STAGES)  # runner's report
     notes: List[str] = field(default_factory=list)
     clicks: List[list] = field(default_factory=list)  # per click stage: Click or None per class
     segs: List[np.ndarray] = field(default_factory=list)  # kept only when asked
@@ -310,6 +344,7 @@ def evaluate_case(image_path, gts_path, runner: Callable, workdir, log: Callable
         _empty_dir(outputs)
         result.times[k] = float(runner(inputs, outputs))
         result.ran[k] = True
+        result.errors[k] = getattr(runner, "last_problem", None)
         prev, problem = read_output(outputs / name, gts.shape)
         if problem:
             result.missing[k] = problem

@@ -104,7 +104,8 @@ def make(out) -> list[Path]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m scripts.make_sample_inputs",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "sample_inputs"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "sample_inputs"),
+                    help="folder for the cases (ground truth goes to OUT/gts/) (default: %(default)s)")
     a = ap.parse_args(argv)
     for p in make(a.out):
         print(p)

@@ -1,14 +1,14 @@
 """Peak host memory of ``python -m infer`` on a 300 x 512 x 512 case with 10 classes.
 
-A measurement, not a test: it builds a CT-sized case (uint8 image, 10 boxes spread over the
-volume; for the click stage also clicks, clicks_order and a previous prediction), a tiny converted
-model (tests/tinymodel.py), runs ``python -m infer`` on it in a subprocess and reports the child's
-peak resident set size (``ru_maxrss`` from ``os.wait4``), the wall time and the log summary.
+A measurement, not a test: it builds a CT-sized case with ``scripts/cases.py`` (uint8 image with
+10 spheres and their boxes; for the click stage also clicks, clicks_order and a previous
+prediction), a tiny converted model (tests/tinymodel.py), runs ``python -m infer`` on it in a
+subprocess and reports the child's peak resident set size (``ru_maxrss`` from ``os.wait4``), the wall time and the log summary.
 Target: under 8 GB (the container has 32 GB). The tiny model keeps network memory negligible, so
 the figure is what the volume-sized arrays (image, normalised image, merge volumes, previous
 mask, output) cost; a real 192^3 model adds its weights and, on CPU, its activations.
 
-    /work/venv/bin/python scripts/memory_bench.py [--shape 300 512 512] [--classes 10] [--device cpu]
+    .venv/bin/python scripts/memory_bench.py [--shape 300 512 512] [--classes 10] [--device cpu]
 """
 from __future__ import annotations
 
@@ -25,39 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def make_case(path: Path, shape, k: int, stage: str, seed: int = 0) -> None:
-    """Write a case: ``stage`` "box" (imgs, spacing, boxes) or "click" (+ clicks, order, prev)."""
-    rng = np.random.default_rng(seed)
-    d, h, w = shape
-    imgs = np.empty(shape, np.uint8)
-    for z in range(d):  # slice by slice: no full-size temporaries in this process either
-        imgs[z] = rng.integers(0, 256, (h, w), dtype=np.uint8)
-    boxes, clicks, order = [], [], []
-    prev = np.zeros(shape, np.uint8) if stage == "click" else None
-    for c in range(k):
-        cz, cy, cx = (int(rng.integers(s // 6, s - s // 6)) for s in shape)
-        ez, ey, ex = (int(rng.integers(max(2, s // 20), max(3, s // 6))) for s in shape)
-        z0, z1 = max(cz - ez, 0), min(cz + ez, d - 1)
-        y0, y1 = max(cy - ey, 0), min(cy + ey, h - 1)
-        x0, x1 = max(cx - ex, 0), min(cx + ex, w - 1)
-        boxes.append({"z_min": z0, "z_max": z1, "z_mid": cz, "z_mid_y_min": y0, "z_mid_y_max": y1,
-                      "z_mid_x_min": x0, "z_mid_x_max": x1})
-        clicks.append({"fg": [[cz, cy, cx]], "bg": [[z0, y0, x0]]})
-        order.append(["fg", "bg"])
-        if prev is not None:
-            prev[z0:z1 + 1, y0:y1 + 1, x0:x1 + 1] = c + 1
-    members = {"imgs": imgs, "spacing": np.array([2.5, 0.8, 0.8])}
-    box_arr = np.empty(k, dtype=object)
-    box_arr[:] = boxes
-    members["boxes"] = box_arr
-    if stage == "click":
-        click_arr = np.empty(k, dtype=object)
-        click_arr[:] = clicks
-        order_arr = np.empty(k, dtype=object)
-        order_arr[:] = order
-        members.update(clicks=click_arr, clicks_order=order_arr, prev_pred=prev)
-    np.savez(path, **members)
+from scripts.cases import make_case  # noqa: E402
 
 
 def run(inputs: Path, outputs: Path, weights: Path, device: str, seconds_per_class: float):
@@ -73,14 +41,17 @@ def run(inputs: Path, outputs: Path, weights: Path, device: str, seconds_per_cla
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512])
-    p.add_argument("--classes", type=int, default=10)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--stages", nargs="+", default=["box", "click"], choices=["box", "click"])
+    p = argparse.ArgumentParser(prog="scripts/memory_bench.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--shape", type=int, nargs=3, default=[300, 512, 512], metavar=("D", "H", "W"),
+                   help="case shape z y x")
+    p.add_argument("--classes", type=int, default=10, help="number of classes K")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--stages", nargs="+", default=["box", "click"], choices=["box", "click"],
+                   help="which stages to measure")
     p.add_argument("--seconds-per-class", type=float, default=1000.0,
                    help="large by default: measure the full work, not what the time budget lets through")
-    p.add_argument("--limit-gb", type=float, default=8.0)
+    p.add_argument("--limit-gb", type=float, default=8.0, help="peak RSS above this fails (exit 1)")
     args = p.parse_args(argv)
 
     from tests.tinymodel import make_artifact

@@ -307,12 +307,15 @@ def write_dataset(out, n, seed=0, layout="train", shape=(64, 96, 96), no_box_eve
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m scripts.synthetic", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m scripts.synthetic", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=20, help="number of cases")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", choices=("train", "val"), default="train")
-    p.add_argument("--shape", type=int, nargs=3, default=(64, 96, 96), metavar=("D", "H", "W"))
+    p.add_argument("--seed", type=int, default=0, help="seed of the whole set (case i is the same for any --n)")
+    p.add_argument("--layout", choices=("train", "val"), default="train",
+                   help="train: one npz per case with imgs, gts, spacing; val: images/ (with boxes) and gts/")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 96, 96), metavar=("D", "H", "W"),
+                   help="volume shape z y x")
     p.add_argument("--no-box-every", type=int, default=0,
                    help="val layout: every N-th case has no boxes (0 = none)")
     a = p.parse_args(argv)

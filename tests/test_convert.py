@@ -15,6 +15,7 @@ def _x(seed=0):
     return torch.randn(1, IN_CHANNELS, *TINY_PATCH, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.slow
 def test_cli_release_to_artifact_round_trip(tmp_path, capsys):
     make_release_folder(tmp_path / "dl", nested="nnInteractive_v1.0", seed=11)
     dst = tmp_path / "art"

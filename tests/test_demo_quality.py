@@ -57,18 +57,22 @@ def test_card_is_a_small_demo_model(predictor):
     assert (DEMO / "weights.pt").stat().st_size < 5 * 1024 * 1024
 
 
+@pytest.mark.slow
 def test_box_stage_dsc(scores):
     assert scores["box_dsc"] >= 0.85, scores
 
 
+@pytest.mark.slow
 def test_clicks_do_not_make_it_worse(scores):
     assert scores["final_dsc_box"] >= scores["box_dsc"], scores
 
 
+@pytest.mark.slow
 def test_clicks_only_cases(scores):
     assert scores["final_dsc_nobox"] >= 0.6, scores
 
 
+@pytest.mark.slow
 def test_click_centred_start_beats_the_central_third_box(predictor, held_out, scores):
     nobox = [p for p in held_out if not _has_boxes(p[0])]
     assert len(nobox) == N_CASES // 3

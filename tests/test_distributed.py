@@ -68,6 +68,7 @@ def test_sampler_shards_the_epoch_into_the_global_batches():
     assert list(sampler) == [(3, 1), (3, 3), (3, 5), (3, 7)]
 
 
+@pytest.mark.slow
 def test_loader_examples_equal_the_trainers_own_simulation(data):
     """A slot built by the workers' path (finished there, or deferred to the trainer's predictor)
     is the example the trainer's simulation gives from the slot's generator."""
@@ -91,6 +92,7 @@ def test_loader_examples_equal_the_trainers_own_simulation(data):
         torch.testing.assert_close(t[j], ex.target, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_training_matches_one_process_with_the_global_batch(data, tmp_path):
     out, probe = tmp_path / "ddp", tmp_path / "probe"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))

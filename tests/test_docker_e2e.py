@@ -191,6 +191,7 @@ weights = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk("/work
 print(json.dumps({"dists": sorted(dists), "torch_nvidia_bytes": size(torch_nvidia), "weights_bytes": weights,
                   "present": [m for m in sys.argv[1:] if importlib.util.find_spec(m) is not None],
                   "workspace": sorted(os.listdir("/workspace")) if os.path.isdir("/workspace") else [],
+                  "infer": sorted(os.listdir("/workspace/infer")) if os.path.isdir("/workspace/infer") else [],
                   "cache": [p for p in ("/root/.cache", "/tmp/requirements-image.txt") if os.path.exists(p)]}))
 """
 
@@ -208,6 +209,9 @@ def test_image_holds_only_python_torch_numpy_and_the_predictor(image):
     assert set(img["dists"]) - set(base["dists"]) == reqs
     assert img["present"] == [], f"importable in the image: {img['present']}"
     assert img["workspace"] == ["infer", "predict.sh", "weights"]
+    # infer/ is the runtime package as in the repository (no benchmark or tooling modules)
+    assert img["infer"] == sorted(p.name for p in (ROOT / "infer").glob("*.py"))
+    assert not [n for n in img["infer"] if "bench" in n]
     assert img["cache"] == []
 
     image_bytes = int(docker("image", "inspect", "--format", "{{.Size}}", image["tag"]).stdout)

@@ -203,6 +203,7 @@ def _boxes_off(b):
     return {**b, "z_mid_y_max": b["z_mid_y_max"] - 2, "z_mid_x_min": b["z_mid_x_min"] + 1}
 
 
+@pytest.mark.slow
 def test_cli_cold_mode_matches_warm_mode_with_a_stub_predictor(tmp_path):
     from evaluation.__main__ import main
     predict = _stub(tmp_path)

@@ -56,6 +56,7 @@ def _shares(out, n):
     return [json.loads(sharding.shard_file(out, i, n).read_text())["cases"] for i in range(n)]
 
 
+@pytest.mark.slow
 def test_cold_mode_two_workers_and_merged_shards_equal_one_worker(cases, tmp_path, monkeypatch):
     (tmp_path / "stub.py").write_text(STUB.format(repo=str(ROOT)))
     (tmp_path / "predict.sh").write_text(f'exec "{sys.executable}" "{tmp_path / "stub.py"}"\n')
@@ -90,6 +91,7 @@ def test_cold_mode_two_workers_and_merged_shards_equal_one_worker(cases, tmp_pat
     assert [r["CaseName"] for r in _rows(two / "metrics.csv")] == names[0::2]
 
 
+@pytest.mark.slow
 def test_warm_mode_two_workers_equal_one_worker(cases, tmp_path, monkeypatch):
     import torch
     from tests.tinymodel import make_artifact

@@ -74,6 +74,7 @@ def logs(caplog):
 
 
 # ---------------------------------------------------------------- killed while writing
+@pytest.mark.slow
 def test_process_killed_while_writing_a_large_output_leaves_no_partial_file(tmp_path):
     """A real ``python -m infer`` writing a 256 MB output is SIGKILLed as soon as new bytes show
     up in the output folder (its temporary file, or the final file changing). The final name
@@ -211,6 +212,7 @@ class FakeClock:
         return self.t
 
 
+@pytest.mark.slow
 def test_budget_guard_writes_every_case_in_time_with_a_slow_network(tmp_path, monkeypatch, logs):
     """Each pass takes 6 s of fake time and every prediction touches the crop border (autozoom
     would go to zoom 4: 5 passes per class, 30 s against a budget of 14 s per class). Every case

@@ -266,6 +266,7 @@ def check_outputs(out_dir: Path, specs: dict, messages: list) -> None:
         assert not list(out_dir.glob(".*tmp*"))  # no temporary left behind
 
 
+@pytest.mark.slow
 @given(cases=st.lists(case_spec(), min_size=1, max_size=3))
 def test_every_case_gets_a_valid_output_and_one_summary_line(weights, cases):
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,6 +286,7 @@ def test_every_case_gets_a_valid_output_and_one_summary_line(weights, cases):
                 event(m.split(": ")[1].split(",")[0].split(" (")[0])
 
 
+@pytest.mark.slow
 def test_large_sparse_volume_with_prompts_far_apart(weights, tmp_path):
     """64 x 1024 x 1024 (64 M voxels, compressed to a few hundred kB on disk): a box in one
     corner and a click in the other; the output has the full shape and labels 0..2."""
@@ -343,6 +345,7 @@ def _parse_log(stderr: str) -> list:
     return [line[len("infer: "):] for line in stderr.splitlines() if line.startswith("infer: ")]
 
 
+@pytest.mark.slow
 def test_command_line_on_a_folder_of_mixed_trouble(weights, tmp_path):
     specs = _mixed_folder(tmp_path / "in")
     proc = subprocess.run([sys.executable, "-m", "infer", "--inputs", str(tmp_path / "in"), "--outputs",

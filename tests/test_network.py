@@ -29,6 +29,7 @@ def randomize(net, seed):
     return net.eval()
 
 
+@pytest.mark.slow
 def test_dna_state_dict_loads_strictly_into_ours_and_outputs_match():
     ref = randomize(dna_network(tiny_arch()), seed=1)
     ours = build_network(tiny_arch(), IN_CHANNELS, NUM_CLASSES).eval()
@@ -44,6 +45,7 @@ def test_dna_state_dict_loads_strictly_into_ours_and_outputs_match():
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_our_state_dict_loads_strictly_into_dna_and_outputs_match():
     ours = tiny_network(seed=3)
     ref = dna_network(tiny_arch()).eval()
@@ -62,7 +64,9 @@ def test_nninteractive_v1_architecture_matches_dna_key_for_key():
     assert ours_shapes == ref_shapes
     n_ours = sum(p.numel() for p in ours.parameters())
     assert n_ours == sum(p.numel() for p in ref.parameters())
-    assert 101e6 < n_ours < 103e6  # CONTRACT.md: 102 M parameters
+    # nnInteractive v1.0 (the ResEnc-L preset) is a 102 M-parameter network; dynamic-network-
+    # architectures, the reference built above, counts the same number
+    assert 101e6 < n_ours < 103e6
     assert ours_shapes["encoder.stem.convs.0.conv.weight"] == (32, 8, 3, 3, 3)
     assert ours_shapes["decoder.seg_layers.4.weight"] == (2, 32, 1, 1, 1)
 
@@ -108,6 +112,7 @@ def test_wrong_network_class_is_refused():
         normalize_arch({"network_class_name": "x.PlainConvUNet", "arch_kwargs": tiny_arch()})
 
 
+@pytest.mark.slow
 def test_infer_imports_without_reference_packages():
     code = ("import sys\n"
             "for m in ('dynamic_network_architectures', 'nnunetv2', 'nnInteractive', 'nninteractive'):\n"

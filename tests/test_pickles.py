@@ -88,6 +88,7 @@ def run_infer(inputs: Path, outputs: Path, weights: Path) -> subprocess.Complete
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights_kind", ["good", "malicious_artifact", "malicious_release"])
 def test_poisoned_cases_and_weights_are_refused_end_to_end(tmp_path, weights_kind):
     marker = tmp_path / "PWNED"

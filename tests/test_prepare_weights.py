@@ -17,6 +17,7 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_local_release_converted_and_recorded(tmp_path, capsys):
     release = make_release_folder(tmp_path / "download", nested="nnInteractive_v1.0")
     dst = tmp_path / "weights" / "nninteractive_v1.0"
@@ -38,6 +39,7 @@ def test_local_release_converted_and_recorded(tmp_path, capsys):
     assert not list(dst.parent.glob(".*tmp*"))
 
 
+@pytest.mark.slow
 def test_existing_destination_needs_force(tmp_path):
     make_release_folder(tmp_path / "rel")
     dst = tmp_path / "out"
@@ -65,6 +67,7 @@ def test_not_a_release(tmp_path, capsys):
     assert "not an nnInteractive release folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_hub_download_path(tmp_path, monkeypatch):
     """The download branch, with a stand-in huggingface_hub that 'downloads' a tiny release."""
     calls = {}

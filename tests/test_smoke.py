@@ -16,6 +16,7 @@ def _run(weights=None, env_extra=None):
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / "weights" / "demo" / "model_card.json").exists(), reason="no bundled demo model")
 def test_smoke_script_passes_on_sample_inputs():
     r = _run()
@@ -24,6 +25,7 @@ def test_smoke_script_passes_on_sample_inputs():
     assert n >= 3 and f"{n} case(s) ok" in r.stdout
 
 
+@pytest.mark.slow
 def test_smoke_script_fails_when_predict_writes_nothing(tmp_path):
     # An interpreter that silently does nothing for `-m infer` (and runs everything else): the
     # script must notice the missing outputs.

@@ -59,18 +59,33 @@ def build_model(init: str, config: str, seed: int, box_style: str | None, demo: 
     return net.train().requires_grad_(True), card
 
 
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Help that shows each option's default, except where it is None or False (then the help text
+    says what happens) or the text already names it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if not hidden and "default" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m train", description=__doc__.split("\n\n")[0],
+                                 epilog="Details: docs/TRAINING.md; several GPUs or nodes: docs/SCALEOUT.md.",
+                                 formatter_class=_Help)
     ap.add_argument("--data", required=True, help="folder of training npz files (imgs, gts, spacing)")
     ap.add_argument("--init", required=True, help="weights folder (release or artifact) or 'scratch'")
     ap.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, final/")
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=10, help="passes of --steps-per-epoch steps; a "
+                    "checkpoint is written after each")
     ap.add_argument("--config", choices=sorted(CONFIGS), default="demo",
                     help="architecture and patch of a model trained from scratch")
-    ap.add_argument("--steps-per-epoch", type=int, default=250)
+    ap.add_argument("--steps-per-epoch", type=int, default=250, help="optimizer steps per epoch")
     ap.add_argument("--batch-size", type=int, default=2,
                     help="examples per process and step (global batch: x the torchrun world size)")
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (before --lr-scale)")
     ap.add_argument("--lr-scale", choices=LR_RULES, default="none",
                     help="scale --lr with the global batch B relative to the recipe's 2: "
                          "sqrt (lr x sqrt(B/2)), linear (lr x B/2) or none")
@@ -81,8 +96,9 @@ def main(argv=None) -> int:
                     help="torchrun: minutes a rank may wait for the others (rank 0 validates alone)")
     ap.add_argument("--lr-schedule", choices=("constant", "poly"), default="constant",
                     help="constant (the recipe) or nnU-Net's poly decay over --epochs")
-    ap.add_argument("--weight-decay", type=float, default=3e-5)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight-decay", type=float, default=3e-5, help="AdamW weight decay")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the network initialisation (scratch) "
+                    "and of case, crop and prompt sampling")
     ap.add_argument("--p-box", type=float, default=0.5, help="probability that the first prompt is the box")
     ap.add_argument("--p-second", type=float, default=0.5,
                     help="probability of the second (simulated-click) step; 1.0 = always")
@@ -94,14 +110,14 @@ def main(argv=None) -> int:
                     help="probability of a full-resolution refinement example (coarse prediction "
                          "as previous mask, zoom-1 tile), taken from the draws without a second step")
     ap.add_argument("--val", help="validation-layout folder (images/, gts/) for the per-epoch warm evaluation")
-    ap.add_argument("--val-n", type=int, default=None, help="use only the first N validation cases")
+    ap.add_argument("--val-n", type=int, default=None, help="use only the first N validation cases (default: all)")
     ap.add_argument("--val-clicks", type=int, default=5, help="click stages per validation case")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--box-style", choices=("2d", "3d"), default=None,
                     help="box drawing of the trained model (default: the init card's; 2d from scratch)")
     ap.add_argument("--demo", action="store_true", help="mark the model card as a demo model")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
