@@ -17,7 +17,7 @@ so a run cut short keeps what it measured):
 - ``cold_stage``: ``sh predict.sh`` as the harness runs it (fresh process, one case) for K = 1, 3,
   5 on a generated 300 x 512 x 512 box-stage case, beside a bare ``python -c "import torch"``,
   plus one probe process per K for the per-step split and the stage's peak VRAM
-  (``infer.bench``);
+  (``scripts/bench.py``);
 - ``demo``: the bundled demo model on ``sample_inputs/``, on CUDA and on the CPU, Dice per class
   between the two;
 - ``fp16``: the full configuration's logits in fp16 autocast against fp32 (TF32 off);
@@ -634,7 +634,10 @@ def section_startup(run: Run) -> dict:
 
 def section_weights(run: Run) -> dict:
     import torch
-    from infer.bench import DEMO_ARCH, DEMO_PATCH, FULL_ARCH, FULL_PATCH
+    from scripts.bench import FULL_ARCH, FULL_PATCH
+    from train.configs import get_config
+    demo = get_config("demo")
+    DEMO_ARCH, DEMO_PATCH = demo["architecture"], demo["patch_size"]
     from infer.convert import convert
     from infer.weights import find_model_root, load_model
     out = {}
@@ -794,7 +797,7 @@ def section_demo(run: Run) -> dict:
 
 
 def section_cold_stage(run: Run) -> dict:
-    from infer.bench import cold_stage_pairs, run_probe
+    from scripts.bench import cold_stage_pairs, run_probe
     out = {"shape": run.s["shape"], "repeats": run.s["repeats"], "per_k": {},
            "weights": str(run.artifact)}
     run.report["sections"]["cold_stage"] = out
