@@ -48,7 +48,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .clicks import ClickState, class_labels, simulate_round
-from .metrics import interaction_auc, stage_scores
+from .metrics import interaction_auc, stage_scores_per_class
 
 __all__ = ["N_STAGES", "BUDGET_S_PER_CLASS", "CaseResult", "ColdRunner", "WarmRunner",
            "DockerRunner", "evaluate_case", "write_stage_input", "read_output", "REPO_ROOT"]
@@ -201,6 +201,8 @@ class CaseResult:
     missing: List[Optional[str]] = field(default_factory=lambda: [None] * N_STAGES)
     notes: List[str] = field(default_factory=list)
     clicks: List[list] = field(default_factory=list)  # per click stage: Click or None per class
+    class_dsc: List[list] = field(default_factory=lambda: [[] for _ in range(N_STAGES)])  # per stage
+    # and class (label order) the Dice that ``dsc`` averages; [] for a stage that did not run
     segs: List[np.ndarray] = field(default_factory=list)  # kept only when asked
 
     @property
@@ -315,7 +317,8 @@ def evaluate_case(image_path, gts_path, runner: Callable, workdir, log: Callable
             result.missing[k] = problem
             log(f"{name} stage {k + 1}: {problem}; scored as an all-zero prediction")
         scored = np.zeros(gts.shape, np.uint8) if prev is None else prev
-        result.dsc[k], result.nsd[k] = stage_scores(gts, scored, spacing, labels)
+        result.dsc[k], result.nsd[k], result.class_dsc[k] = stage_scores_per_class(
+            gts, scored, spacing, labels)
         if keep_segs:
             result.segs.append(scored.astype(np.uint8))
     return result
