@@ -67,14 +67,17 @@ class ColdRunner:
 
     ``INFER_INPUTS`` / ``INFER_OUTPUTS`` point at the stage's folders; ``INFER_WEIGHTS`` and
     ``INFER_DEVICE`` are set when given. stdout/stderr go to ``log_path`` (appended) if given.
+    ``extra_args``: command-line arguments appended to ``sh predict.sh`` (predictor options).
     """
 
-    def __init__(self, predict_sh=None, weights=None, device=None, log_path=None, cwd=None):
+    def __init__(self, predict_sh=None, weights=None, device=None, log_path=None, cwd=None,
+                 extra_args=()):
         self.predict_sh = Path(predict_sh or REPO_ROOT / "predict.sh").resolve()
         if not self.predict_sh.is_file():
             raise FileNotFoundError(f"cold mode needs {self.predict_sh}")
         self.cwd = Path(cwd or self.predict_sh.parent)
         self.weights, self.device, self.log_path = weights, device, log_path
+        self.extra_args = [str(a) for a in extra_args]
 
     def __call__(self, inputs_dir: Path, outputs_dir: Path) -> float:
         env = dict(os.environ, INFER_INPUTS=str(Path(inputs_dir).resolve()),
@@ -87,7 +90,7 @@ class ColdRunner:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         try:
             start = time.perf_counter()
-            subprocess.run(["sh", str(self.predict_sh)], cwd=self.cwd, env=env,
+            subprocess.run(["sh", str(self.predict_sh), *self.extra_args], cwd=self.cwd, env=env,
                            stdout=log, stderr=subprocess.STDOUT, check=False)
             return time.perf_counter() - start
         finally:
@@ -106,9 +109,10 @@ class WarmRunner:
         self._read, self._write = read_case, write_segs
 
     @classmethod
-    def from_weights(cls, weights, device=None, log: Callable = print):
+    def from_weights(cls, weights, device=None, log: Callable = print, **predictor_kwargs):
+        """``predictor_kwargs`` go to ``Predictor.from_path`` (see ``evaluation.predict_args``)."""
         from infer.predictor import Predictor
-        return cls(Predictor.from_path(weights, device=device).predict, log=log)
+        return cls(Predictor.from_path(weights, device=device, **predictor_kwargs).predict, log=log)
 
     def __call__(self, inputs_dir: Path, outputs_dir: Path) -> float:
         start = time.perf_counter()
