@@ -15,8 +15,8 @@ Each panel shows the image slice in grey, the ground-truth outline of every clas
 slice (solid) and the stage's prediction outline (dashed), both in the class's colour, the newest
 click of the row's class (foreground: filled circle, background: cross; earlier clicks of the class
 on the same slice smaller and faded), and in its title the class's Dice and its change from the
-previous stage (red when the step is harmful, ``evaluation.harm``). Slices are drawn with the
-(y, x) aspect of ``spacing``.
+previous stage (red when the step is harmful, ``evaluation.harm``). The row's own class is drawn
+last and thicker. Slices are drawn with the (y, x) aspect of ``spacing``.
 """
 from __future__ import annotations
 
@@ -99,10 +99,11 @@ def draw_case(result, imgs: np.ndarray, gts: np.ndarray, spacing, segs_by_stage:
             ax = axes[i, s]
             z = zs[min(s, len(zs) - 1)]
             ax.imshow(imgs[z], cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
-            for j, lab in enumerate(labels):
-                _outline(ax, gts[z] == lab, _colour(j), "solid", 1.4)
+            for j in [j for j in range(len(labels)) if j != i] + [i]:  # the row's class on top
+                wide = 0.6 if j == i else 0.0
+                _outline(ax, gts[z] == labels[j], _colour(j), "solid", 1.3 + wide)
                 if segs_by_stage[s] is not None:
-                    _outline(ax, segs_by_stage[s][z] == lab, _colour(j), "dashed", 1.2)
+                    _outline(ax, segs_by_stage[s][z] == labels[j], _colour(j), "dashed", 1.1 + wide)
             ax.set_xticks([])
             ax.set_yticks([])
             colour = "black"
