@@ -591,10 +591,13 @@ def main(argv=None) -> int:
     p.add_argument("--zero-border", type=float, default=d.zero_border, help="probability")
     p.add_argument("--no-box-every", type=int, default=d.no_box_every, help="0: every case has boxes")
     a = p.parse_args(argv)
-    knobs = Knobs(scenarios=tuple(a.scenarios.split(",")), modalities=tuple(a.modalities.split(",")),
-                  max_size=a.max_size, noise=a.noise, contrast=a.contrast,
-                  max_anisotropy=a.max_anisotropy, zero_border=a.zero_border,
-                  no_box_every=a.no_box_every)
+    try:
+        knobs = Knobs(scenarios=tuple(a.scenarios.split(",")), modalities=tuple(a.modalities.split(",")),
+                      max_size=a.max_size, noise=a.noise, contrast=a.contrast,
+                      max_anisotropy=a.max_anisotropy, zero_border=a.zero_border,
+                      no_box_every=a.no_box_every)
+    except ValueError as exc:
+        p.error(str(exc))
     names = write_set(a.out, a.n, a.seed, knobs)
     print(f"wrote {len(names)} held-out cases to {a.out}/images and {a.out}/gts "
           f"(seed {a.seed}; {', '.join(f'{f.name}={getattr(knobs, f.name)}' for f in fields(knobs))})")
