@@ -13,6 +13,11 @@ Writes ``OUT/metrics.csv`` and ``OUT/report.png`` and prints one summary line.
 merges their results into the report one worker writes (``evaluation.shard``); ``--shard I/N``
 runs one such share (e.g. on another machine) and ``--merge-shards N`` writes the report from
 the shares under ``OUT/shards/``.
+
+``--predict-arg ARGS`` (repeatable) passes ``python -m infer`` options to the predictor
+(``evaluation.predict_args``); each case's stages are drawn in ``OUT/cases/<case>.png``
+(``evaluation.pictures``) unless ``--no-pictures``; the click-harm line (``evaluation.harm``)
+follows the summary line.
 """
 from __future__ import annotations
 
@@ -26,6 +31,9 @@ from pathlib import Path
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .harm import harm_summary_line
+from .pictures import draw_picture
+from .predict_args import split_predict_args, warm_options
 from .report import error_summary, plot_report, summary_line, write_csv
 from .runner import REPO_ROOT, ColdRunner, DockerRunner, WarmRunner, evaluate_case
 from . import shard as sharding
@@ -67,19 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "90 s x K instead of 0 (they are flagged either way)")
     p.add_argument("--limit", type=int, help="only the first N cases (default: all)")
     p.add_argument("--keep-work", action="store_true", help="keep OUT/work/<case>/inputs|outputs")
+    p.add_argument("--predict-arg", action="append", metavar="ARGS", help="python -m infer "
+                   "options for the predictor, e.g. --predict-arg=--no-refine or --predict-arg="
+                   "'--policy reference' (repeatable; cold: appended to predict.sh; warm: as "
+                   "Predictor arguments; not in docker mode; see evaluation/predict_args.py)")
+    p.add_argument("--no-pictures", action="store_true", help="skip OUT/cases/<case>.png")
     return p
 
 
 def make_runner(args, log):
+    extra = split_predict_args(args.predict_arg)
     if args.warm:
-        return WarmRunner.from_weights(args.weights, device=args.device, log=log), "warm"
+        kwargs, threads = warm_options(extra)
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        device = kwargs.pop("device", args.device)
+        return WarmRunner.from_weights(args.weights, device=device, log=log, **kwargs), "warm"
     if args.docker:
+        if extra:
+            raise SystemExit("--predict-arg cannot be used with --docker: the organizer's command "
+                             "is a plain 'sh predict.sh'")
         from .docker_runner import host_has_gpu, load_image  # Docker mode only
         gpus = args.gpus if args.gpus is not None else host_has_gpu()
         return DockerRunner(load_image(args.docker), gpus=gpus, network_none=args.network_none,
                             gpu_device=args.docker_gpu_device), "docker"
     return ColdRunner(args.predict_sh, weights=args.weights, device=args.device,
-                      log_path=args.out / "predict.log"), "cold"
+                      log_path=args.out / "predict.log", extra_args=extra), "cold"
 
 
 def main(argv=None) -> int:
@@ -107,10 +129,14 @@ def main(argv=None) -> int:
             log(f"{image.name}: no ground truth {gts}; skipped")
             return None
         try:
-            return evaluate_case(image, gts, runner, work_root / image.stem, log=log)
+            r = evaluate_case(image, gts, runner, work_root / image.stem, log=log,
+                              keep_segs=not args.no_pictures)
         except (ValueError, OSError, KeyError) as exc:
             log(f"{image.name}: not evaluated: {exc}")
             return None
+        if not args.no_pictures:
+            draw_picture(r, image, gts, args.out / "cases" / f"{image.stem}.png", log)
+        return r
 
     results = []
     bar = tqdm(total=len(cases), desc=f"evaluating ({mode})", unit="case", disable=shard is not None)
@@ -143,6 +169,7 @@ def report(args, results, mode: str) -> int:
     line = summary_line(results, zero_over_budget=zero, mode=mode)
     plot_report(results, args.out / "report.png", title=line)
     print(line)
+    print(harm_summary_line(results))
     errors = error_summary(results)
     if errors:  # e.g. every stage fell back to zeros: say why, and where the whole output is
         log = args.out / "predict.log"

@@ -33,7 +33,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the dev 
                       "surfel-area table: pip install --no-deps surface-distance==0.1") from exc
 
 __all__ = ["dice", "surface_distances", "surface_dice", "multi_class_dsc", "multi_class_nsd",
-           "stage_scores", "interaction_auc", "NSD_TOLERANCE_MM", "NSD_MIN_DSC", "AUC_STAGES"]
+           "class_dsc", "stage_scores", "stage_scores_per_class", "interaction_auc", "NSD_TOLERANCE_MM", "NSD_MIN_DSC", "AUC_STAGES"]
 
 NSD_TOLERANCE_MM = 2.0
 NSD_MIN_DSC = 0.2  # NSD is computed only when the stage's mean DSC is strictly above this
@@ -104,10 +104,16 @@ def _mean(values):
     return float(np.mean(values)) if len(values) else float("nan")
 
 
+def class_dsc(gts: np.ndarray, segs: np.ndarray, labels=None) -> list:
+    """Dice of ``segs == c`` per label ``c`` of ``gts`` (smallest dropped; ``labels`` when already
+    known), as a list of floats in label order."""
+    return [float(dice(gts == c, segs == c)) for c in (class_labels(gts) if labels is None else labels)]
+
+
 def multi_class_dsc(gts: np.ndarray, segs: np.ndarray, labels=None) -> float:
     """Mean over the labels of ``gts`` (smallest dropped; ``labels`` when already known) of the
     Dice of ``segs == c``."""
-    return _mean([dice(gts == c, segs == c) for c in (class_labels(gts) if labels is None else labels)])
+    return _mean(class_dsc(gts, segs, labels))
 
 
 def multi_class_nsd(gts: np.ndarray, segs: np.ndarray, spacing, tolerance_mm=NSD_TOLERANCE_MM,
@@ -117,13 +123,20 @@ def multi_class_nsd(gts: np.ndarray, segs: np.ndarray, spacing, tolerance_mm=NSD
                   for c in (class_labels(gts) if labels is None else labels)])
 
 
+def stage_scores_per_class(gts: np.ndarray, segs: np.ndarray, spacing, labels=None) -> tuple:
+    """``(dsc, nsd, per_class_dsc)`` of one stage: :func:`stage_scores` plus the Dice of each
+    class (:func:`class_dsc`, label order) it averaged."""
+    labels = class_labels(gts) if labels is None else labels
+    per_class = class_dsc(gts, segs, labels)
+    dsc = _mean(per_class)
+    nsd = multi_class_nsd(gts, segs, spacing, labels=labels) if dsc > NSD_MIN_DSC else 0.0
+    return dsc, nsd, per_class
+
+
 def stage_scores(gts: np.ndarray, segs: np.ndarray, spacing, labels=None) -> tuple:
     """``(dsc, nsd)`` of one stage: NSD is 0.0 unless the mean DSC is > 0.2 (a NaN DSC gates too).
     ``labels``: ``class_labels(gts)`` when the caller has it already."""
-    labels = class_labels(gts) if labels is None else labels
-    dsc = multi_class_dsc(gts, segs, labels)
-    nsd = multi_class_nsd(gts, segs, spacing, labels=labels) if dsc > NSD_MIN_DSC else 0.0
-    return dsc, nsd
+    return stage_scores_per_class(gts, segs, spacing, labels)[:2]
 
 
 def interaction_auc(values: Sequence[float]) -> float:

@@ -2,9 +2,12 @@
 
 CSV columns: the organizer's, in its order (``CaseName, TotalRunningTime, RunningTime_1..6,
 DSC_AUC, NSD_AUC, DSC_Final, NSD_Final, DSC_1..6, NSD_1..6, num_class, runtime_upperbound``),
-then ``OverBudget``, ``MissingOutputs`` (stages that ran but left no usable output), ``HasBoxes``
-and ``Notes`` (what happened: the first error line each stage's predictor reported, identical
-ones of consecutive stages merged, and the missing outputs). Floats are written at full precision (shortest round-trip, as pandas does); NaN
+then ``OverBudget``, ``MissingOutputs`` (stages that ran but left no usable output), ``HasBoxes``,
+``ClickHarmRate`` / ``HarmfulSteps`` / ``ClickSteps`` (class steps whose Dice dropped by more than
+0.05, see ``evaluation.harm``), ``FinalDropFromBest`` (best click-stage DSC minus final DSC) and
+``Notes`` (what happened: the first error line each stage's predictor reported, identical ones of
+consecutive stages merged, and the missing outputs). Floats are written at full precision
+(shortest round-trip, as pandas does); NaN
 is an empty cell (pandas' default). Over the 90 s x K budget, DSC_AUC / NSD_AUC / DSC_Final /
 NSD_Final are written as 0 (the challenge rule; the organizer's script only warns) unless
 ``zero_over_budget`` is False; the per-stage DSC_k / NSD_k always hold the measured values.
@@ -18,6 +21,7 @@ from typing import Iterable, List
 
 import numpy as np
 
+from .harm import click_harm, draw_harm_panels, final_drop_from_best, harm_rate
 from .runner import N_STAGES, CaseResult
 
 __all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "error_summary", "plot_report"]
@@ -28,7 +32,8 @@ ORGANIZER_COLUMNS = (["CaseName", "TotalRunningTime"]
                      + [f"DSC_{k}" for k in range(1, N_STAGES + 1)]
                      + [f"NSD_{k}" for k in range(1, N_STAGES + 1)]
                      + ["num_class", "runtime_upperbound"])
-COLUMNS = ORGANIZER_COLUMNS + ["OverBudget", "MissingOutputs", "HasBoxes", "Notes"]
+HARM_COLUMNS = ["ClickHarmRate", "HarmfulSteps", "ClickSteps", "FinalDropFromBest"]
+COLUMNS = ORGANIZER_COLUMNS + ["OverBudget", "MissingOutputs", "HasBoxes"] + HARM_COLUMNS + ["Notes"]
 
 
 def _scores(r: CaseResult, zero_over_budget: bool) -> dict:
@@ -48,7 +53,11 @@ def case_row(r: CaseResult, zero_over_budget: bool = True) -> dict:
     notes = list(r.notes) + error_notes(r.errors) + [f"stage {k + 1}: {m}" for k, m in enumerate(r.missing) if m]
     row.update({"num_class": r.n_classes, "runtime_upperbound": r.budget_s,
                 "OverBudget": r.over_budget, "MissingOutputs": r.n_missing,
-                "HasBoxes": r.has_boxes, "Notes": " | ".join(notes)})
+                "HasBoxes": r.has_boxes})
+    harmful, steps = click_harm(r.class_dsc, r.ran)
+    row.update({"ClickHarmRate": harm_rate(harmful, steps), "HarmfulSteps": harmful,
+                "ClickSteps": steps, "FinalDropFromBest": final_drop_from_best(r.dsc),
+                "Notes": " | ".join(notes)})
     return row
 
 
@@ -133,7 +142,8 @@ def _stage_means(values: np.ndarray, has_boxes) -> np.ndarray:
 def plot_report(results: List[CaseResult], path, title: str = "") -> None:
     """report.png: DSC and NSD per stage (one thin line per case, mean in bold; a skipped box
     stage is not drawn nor averaged), time per stage (stacked bar per case with its 90 s x K
-    budget), and each case's AUCs and final scores."""
+    budget), each case's AUCs and final scores, and the click harm (``evaluation.harm``): per step
+    position, and per case with the final drop from the best click stage."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -141,7 +151,7 @@ def plot_report(results: List[CaseResult], path, title: str = "") -> None:
     stages = np.arange(1, N_STAGES + 1)
     labels = ["box"] + [f"click {k}" for k in range(1, N_STAGES)]
     names = [Path(r.name).stem for r in results]
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9), constrained_layout=True)
+    fig, axes = plt.subplots(3, 2, figsize=(14, 13.5), constrained_layout=True)
     fig.suptitle(_wrap(title or f"{len(results)} cases"), fontsize=12)
     cmap = plt.get_cmap("tab10" if len(results) <= 10 else "viridis")
     colors = [cmap(i / max(len(results) - 1, 1)) if len(results) > 10 else cmap(i)
@@ -204,5 +214,6 @@ def plot_report(results: List[CaseResult], path, title: str = "") -> None:
     ax.legend(fontsize=7, ncol=4, loc="lower center")
     ax.grid(axis="y", alpha=0.3)
 
+    draw_harm_panels(axes[2, 0], axes[2, 1], results)
     fig.savefig(path, dpi=110)
     plt.close(fig)

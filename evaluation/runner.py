@@ -52,7 +52,7 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from .clicks import ClickState, class_labels, simulate_round
-from .metrics import interaction_auc, stage_scores
+from .metrics import interaction_auc, stage_scores_per_class
 
 __all__ = ["N_STAGES", "BUDGET_S_PER_CLASS", "CaseResult", "ColdRunner", "WarmRunner",
            "DockerRunner", "evaluate_case", "write_stage_input", "read_output", "REPO_ROOT"]
@@ -95,15 +95,18 @@ class ColdRunner:
     ``INFER_INPUTS`` / ``INFER_OUTPUTS`` point at the stage's folders; ``INFER_WEIGHTS`` and
     ``INFER_DEVICE`` are set when given. stdout/stderr go to ``log_path`` (appended) if given;
     ``last_problem`` is the first error line of the last stage (:func:`first_error_line`).
+    ``extra_args``: command-line arguments appended to ``sh predict.sh`` (predictor options).
     """
 
-    def __init__(self, predict_sh=None, weights=None, device=None, log_path=None, cwd=None):
+    def __init__(self, predict_sh=None, weights=None, device=None, log_path=None, cwd=None,
+                 extra_args=()):
         self.predict_sh = Path(predict_sh or REPO_ROOT / "predict.sh").resolve()
         if not self.predict_sh.is_file():
             raise FileNotFoundError(f"cold mode needs {self.predict_sh}")
         self.cwd = Path(cwd or self.predict_sh.parent)
         self.weights, self.device, self.log_path = weights, device, log_path
         self.last_problem: Optional[str] = None
+        self.extra_args = [str(a) for a in extra_args]
 
     def __call__(self, inputs_dir: Path, outputs_dir: Path) -> float:
         env = dict(os.environ, INFER_INPUTS=str(Path(inputs_dir).resolve()),
@@ -114,7 +117,7 @@ class ColdRunner:
         if self.device:
             env["INFER_DEVICE"] = self.device
         start = time.perf_counter()
-        proc = subprocess.run(["sh", str(self.predict_sh)], cwd=self.cwd, env=env,
+        proc = subprocess.run(["sh", str(self.predict_sh), *self.extra_args], cwd=self.cwd, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False)
         seconds = time.perf_counter() - start
         if self.log_path:
@@ -136,9 +139,10 @@ class WarmRunner:
         self.last_problem: Optional[str] = None
 
     @classmethod
-    def from_weights(cls, weights, device=None, log: Callable = print):
+    def from_weights(cls, weights, device=None, log: Callable = print, **predictor_kwargs):
+        """``predictor_kwargs`` go to ``Predictor.from_path`` (see ``evaluation.predict_args``)."""
         from infer.predictor import Predictor
-        return cls(Predictor.from_path(weights, device=device).predict, log=log)
+        return cls(Predictor.from_path(weights, device=device, **predictor_kwargs).predict, log=log)
 
     def __call__(self, inputs_dir: Path, outputs_dir: Path) -> float:
         start = time.perf_counter()
@@ -235,6 +239,8 @@ class CaseResult:
     errors: List[Optional[str]] = field(default_factory=lambda: [None] * N_STAGES)  # runner's report
     notes: List[str] = field(default_factory=list)
     clicks: List[list] = field(default_factory=list)  # per click stage: Click or None per class
+    class_dsc: List[list] = field(default_factory=lambda: [[] for _ in range(N_STAGES)])  # per stage
+    # and class (label order) the Dice that ``dsc`` averages; [] for a stage that did not run
     segs: List[np.ndarray] = field(default_factory=list)  # kept only when asked
 
     @property
@@ -350,7 +356,8 @@ def evaluate_case(image_path, gts_path, runner: Callable, workdir, log: Callable
             result.missing[k] = problem
             log(f"{name} stage {k + 1}: {problem}; scored as an all-zero prediction")
         scored = np.zeros(gts.shape, np.uint8) if prev is None else prev
-        result.dsc[k], result.nsd[k] = stage_scores(gts, scored, spacing, labels)
+        result.dsc[k], result.nsd[k], result.class_dsc[k] = stage_scores_per_class(
+            gts, scored, spacing, labels)
         if keep_segs:
             result.segs.append(scored.astype(np.uint8))
     return result
