@@ -188,26 +188,10 @@ def make_random_artifact(dst: Path, arch: dict, patch, device: str = "cpu") -> P
     """A random-weight artifact (float32) of ``arch``: built on the meta device, materialised on
     ``device`` with small normal weights, unit norms, and a seg-layer bias that makes every voxel
     background (one forward pass per class, no autozoom)."""
-    import torch
     from infer.card import ModelCard
     from infer.convert import write_artifact
-    from infer.network import build_network
-    with torch.device("meta"):
-        net = build_network(arch, 8, 2)
-    net = net.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if ".norm." in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                fan_in = p[0].numel() if p.dim() > 1 else 1
-                p.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
-        seg = net.decoder.seg_layers[-1]
-        seg.weight.mul_(0.01)
-        seg.bias.copy_(torch.tensor([4.0, -4.0]))
+    from scripts.gpu_check import random_network
+    net = random_network(arch, device, seed=0, background_bias=True)
     card = ModelCard(architecture=net.arch, input_channels=8, num_classes=2, patch_size=list(patch),
                      box_style="2d", demo=True, source="scripts/bench.py: random weights, timing only")
     sd = {k: v.cpu() for k, v in net.state_dict().items()}
