@@ -219,13 +219,14 @@ def touches_border(mask: torch.Tensor, crop: Crop, shape: Sequence[int]) -> bool
 
 def crop_to_patch_nearest(src: torch.Tensor, crop: Crop, pad: float = 0.0) -> torch.Tensor:
     """Nearest-neighbour resampling of the crop of a (d, h, w) volume to the patch, equal to
-    ``interpolate(padded_crop[None, None], crop.patch, mode="nearest")[0, 0]`` (float32; voxels
-    outside the volume read as ``pad``). Per axis, patch voxel ``j`` reads the crop voxel torch's
-    nearest mode picks (taken from ``interpolate`` of an index ramp, so rounding is torch's own);
-    only the selected voxels are gathered."""
+    ``interpolate(padded_crop[None, None].double(), crop.patch, mode="nearest")[0, 0]`` (as
+    nnInteractive resamples its previous mask; returned as float32; voxels outside the volume
+    read as ``pad``). Per axis, patch voxel ``j`` reads the crop voxel torch's nearest mode picks
+    for a float64 input (taken from ``interpolate`` of a float64 index ramp, so rounding is
+    torch's own: float32 inputs can pick another voxel); only the selected voxels are gathered."""
     idx = []
     for a in range(3):
-        ramp = torch.arange(crop.size[a], dtype=torch.float32)[None, None]
+        ramp = torch.arange(crop.size[a], dtype=torch.float64)[None, None]
         sel = torch.nn.functional.interpolate(ramp, size=crop.patch[a], mode="nearest")[0, 0].long()
         idx.append(sel + crop.lo[a])
     out = torch.full(tuple(crop.patch), pad, dtype=torch.float32, device=src.device)
