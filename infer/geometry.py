@@ -238,3 +238,16 @@ def crop_to_patch_nearest(src: torch.Tensor, crop: Crop, pad: float = 0.0) -> to
     where = [torch.nonzero(v).flatten().to(src.device) for v in valid]
     out[where[0][:, None, None], where[1][None, :, None], where[2][None, None, :]] = vals
     return out
+
+
+
+def patch_to_region_torch(patch: torch.Tensor, crop: Crop, shape: Sequence[int]) -> Tuple[torch.Tensor, Vec3, Vec3]:
+    """:func:`patch_to_region` computed by ``interpolate(patch, crop.size, mode="trilinear",
+    align_corners=False)`` itself on the whole crop, then cut to the part inside ``shape``: the
+    same values to the last bit as torch's kernel (whose rounding differs from the separable
+    evaluation in the last place), for values thresholded at exact ties (an upsampled 0/1 label
+    against 0.5). Memory: the whole crop in ``patch``'s dtype. (*patch) tensors only."""
+    lo, hi = crop.inside(shape)
+    full = torch.nn.functional.interpolate(patch[None, None], size=tuple(crop.size), mode="trilinear",
+                                           align_corners=False)[0, 0]
+    return full[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, crop.lo))], lo, hi

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import Crop, bbox_of, make_crop, patch_to_region, touches_border, zoom_for_extent
+from .geometry import Crop, bbox_of, make_crop, patch_to_region, patch_to_region_torch, touches_border, zoom_for_extent
 
 Vec3 = Tuple[int, int, int]
 Box = Tuple[Vec3, Vec3]
@@ -278,13 +278,18 @@ def wants_zoom_out(policy: Policy, prob: torch.Tensor, crop: Crop, shape: Sequen
 def upsample(policy: Policy, prob: torch.Tensor, crop: Crop, shape: Sequence[int]):
     """A prediction on ``crop`` back in the volume: ``(values, lo, hi)`` over the part of the crop
     inside ``shape``. "prob": the probability, trilinear; "label": the label (``prob > 0.5``, i.e.
-    the argmax of two classes) trilinear, then ``>= 0.5``, as 0./1. At zoom 1 both are a copy."""
+    the argmax of two classes) trilinear in float64 by torch's own kernel over the whole crop
+    (``infer.geometry.patch_to_region_torch``), then ``>= 0.5``, as 0./1. At zoom 1 both are a
+    copy."""
     if policy.upsample == "prob":
         return patch_to_region(prob, crop, shape)
-    vals, lo, hi = patch_to_region((prob > 0.5).float(), crop, shape)
-    if max(crop.scale) > 1 or min(crop.scale) < 1:
-        vals = (vals >= 0.5).float()
-    return vals, lo, hi
+    # torch's own trilinear kernel in float64, as nnInteractive interpolates its label
+    # (``.to(float)``): labels land on exact ties (0.5) and only the same kernel rounds them alike
+    if crop.size == crop.patch:  # zoom 1: a copy of the label
+        lo, hi = crop.inside(shape)
+        return (prob > 0.5).float()[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, crop.lo))], lo, hi
+    vals, lo, hi = patch_to_region_torch((prob > 0.5).double(), crop, shape)
+    return (vals >= 0.5).float(), lo, hi
 
 
 # ---------------------------------------------------------------------------- refinement
