@@ -1,18 +1,18 @@
 """The predictor: load a model once, then ``predict(case) -> segs`` for one case.
 
-Per class: choose a crop around the prompt (box stage: the box; click stage: centred on the newest
-click, zoomed out so that the class's previous mask and box fit), resample image and prompts to the
-network patch on the device, forward, resample the foreground probability back into the volume,
-and merge the classes by probability (background = product of (1 - p_c), label = argmax) with
-three running volumes, whatever the number of classes. When the prediction touches a crop face
-that lies inside the volume, the crop is zoomed out (x1.5 steps up to ``max_zoom``) and predicted
-again, while the time budget allows.
+It executes an interaction policy (``infer.policy``: a preset such as "project" or "reference",
+or a ``Policy``), which decides everything about the loop: the first crop of each class, when to
+zoom out, how a zoomed-out prediction comes back into the volume, which zoom-1 tiles refine it,
+and whether classes merge by probability or paste labels. The predictor resamples image and
+prompts to the network patch on the device, runs the network (``forward``), pastes the results
+back, and merges the classes (by probability with three running volumes whatever the number of
+classes, or by labels with one).
 
 Guards: before every forward pass the predictor checks that the pass (timed on the previous
 one) still fits before the deadline, else it keeps what it has (the smaller-zoom result, or the
 class's previous mask). A device out-of-memory error retries the class at zoom 1 without
-autozoom, then (on a GPU) on the CPU; one on the whole case (image or merge volumes) reruns the
-case on the CPU.
+zooming out, then (on a GPU) on the CPU; one on the whole case (image or merge volumes) reruns
+the case on the CPU.
 """
 from __future__ import annotations
 
