@@ -45,6 +45,15 @@ def test_card_carries_an_optional_policy():
         card(policy="reference,refine=all")
 
 
+def test_command_line_and_environment_name_the_policy(monkeypatch):
+    from infer.__main__ import parse_args
+    monkeypatch.delenv("INFER_POLICY", raising=False)
+    assert parse_args([]).policy is None
+    assert parse_args(["--policy", "reference,refine=none"]).policy == "reference,refine=none"
+    monkeypatch.setenv("INFER_POLICY", "reference")
+    assert parse_args([]).policy == "reference" and parse_args(["--policy", "project"]).policy == "project"
+
+
 def test_old_keyword_arguments_map_onto_the_policy():
     p = Predictor(ChannelStub(2), card(), "cpu", autozoom=False, refine=False, max_zoom=2.0,
                   max_refine_patches=3).policy
