@@ -31,7 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .geometry import Crop, bbox_of, make_crop, patch_to_region, patch_to_region_torch, touches_border, zoom_for_extent
+from .geometry import (Crop, bbox_of, make_crop, patch_to_region, patch_to_region_torch, touches_border,
+                       zoom_for_extent)
 
 Vec3 = Tuple[int, int, int]
 Box = Tuple[Vec3, Vec3]
@@ -112,8 +113,8 @@ class Policy:
 PRESETS = {
     "project": Policy(name="project"),
     "reference": Policy(name="reference", crop_nonzero=True, box_view="box", click_zoom="one",
-                        zoom_out="border_change", zoom_value="nominal", keep_lost=False, upsample="label", refine="diff",
-                        lasso=True, paste="label"),
+                        zoom_out="border_change", zoom_value="nominal", keep_lost=False,
+                        upsample="label", refine="diff", lasso=True, paste="label"),
 }
 DEFAULT = "project"
 

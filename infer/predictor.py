@@ -353,7 +353,8 @@ class Predictor:
         pol = policy or self.policy
         if max_zoom is not None:
             pol = pol.replace(max_zoom=max(1.0, min(max_zoom, pol.max_zoom)), zoom_out="none")
-        if prompts.done or (not prompts.clicks and prompts.extent is None):
+        view_box = prompts.box if pol.box_view == "box" else prompts.extent  # what a box stage centres on
+        if prompts.done or (not prompts.clicks and view_box is None):
             return None
         shape = tuple(image.shape)
         origin, vshape = frame if frame is not None else ((0, 0, 0), shape)

@@ -23,7 +23,8 @@ def test_presets_and_spec_parsing():
     assert parse_policy("reference") is REF and parse_policy(REF) is REF
     p = parse_policy("reference,refine=none,lasso=off,max_zoom=2.5,mirror=on")
     assert (p.refine, p.lasso, p.max_zoom, p.mirror) == ("none", False, 2.5, True)
-    assert p.zoom_out == REF.zoom_out and p.paste == "label" and p.name == "reference,refine=none,lasso=off,max_zoom=2.5,mirror=on"
+    assert p.zoom_out == REF.zoom_out and p.paste == "label"
+    assert p.name == "reference,refine=none,lasso=off,max_zoom=2.5,mirror=on"
     assert parse_policy("paste=label").paste == "label"  # knobs alone: on the default preset
     for bad in ("nonsense", "reference,refine=everything", "reference,colour=red", "project,lasso=maybe"):
         with pytest.raises(ValueError):
