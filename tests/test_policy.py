@@ -320,3 +320,18 @@ def test_mirror_averages_the_flips():
     c = case_with(clicks=[{"fg": [[20, 25, 30]], "bg": []}], clicks_order=[["fg"]])
     assert (Predictor(Left(), card(), "cpu", policy="project,zoom_out=none").predict(c) == 1).any()
     assert not (Predictor(Left(), card(), "cpu", policy="project,zoom_out=none,mirror=on").predict(c) == 1).any()
+
+
+def test_previous_mask_reaches_the_patch_as_float64_nearest_interpolation():
+    from infer.geometry import crop_to_patch_nearest
+    rng = np.random.default_rng(0)
+    src = torch.from_numpy(rng.random((30, 40, 50)) > 0.5)
+    for lo, size, patch in [((-5, 3, 10), (41, 59, 26), (28, 16, 22)), ((0, 0, 0), (30, 40, 50), (30, 40, 50)),
+                            ((10, -8, 40), (48, 48, 48), (32, 32, 32))]:
+        crop = Crop(lo=lo, size=size, patch=patch)
+        padded = torch.zeros(size, dtype=torch.float64)
+        s_src = tuple(slice(max(l, 0), min(l + s, n)) for l, s, n in zip(lo, size, src.shape))
+        s_dst = tuple(slice(max(l, 0) - l, min(l + s, n) - l) for l, s, n in zip(lo, size, src.shape))
+        padded[s_dst] = src[s_src].double()
+        expect = torch.nn.functional.interpolate(padded[None, None], patch, mode="nearest")[0, 0].float()
+        assert torch.equal(crop_to_patch_nearest(src, crop), expect)
