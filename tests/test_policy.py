@@ -326,7 +326,8 @@ def test_previous_mask_reaches_the_patch_as_float64_nearest_interpolation():
     from infer.geometry import crop_to_patch_nearest
     rng = np.random.default_rng(0)
     src = torch.from_numpy(rng.random((30, 40, 50)) > 0.5)
-    for lo, size, patch in [((-5, 3, 10), (41, 59, 26), (28, 16, 22)), ((0, 0, 0), (30, 40, 50), (30, 40, 50)),
+    for lo, size, patch in [((6, 8, 1), (59, 42, 26), (28, 16, 22)), ((-5, 3, 10), (41, 59, 26), (28, 16, 22)),
+                            ((0, 0, 0), (30, 40, 50), (30, 40, 50)),
                             ((10, -8, 40), (48, 48, 48), (32, 32, 32))]:
         crop = Crop(lo=lo, size=size, patch=patch)
         padded = torch.zeros(size, dtype=torch.float64)
