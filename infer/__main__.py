@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-autozoom", action="store_true", help="never zoom out and predict again")
     p.add_argument("--no-refine", action="store_true",
                    help="keep zoomed-out predictions as they are (no full-resolution refinement patches)")
+    p.add_argument("--policy", default=env("INFER_POLICY") or None,
+                   help="interaction policy: preset[,knob=value...] (infer/policy.py; default: the model card's, else project)")
     p.add_argument("--threads", type=int, default=int(env("INFER_THREADS", "0")), help="CPU threads (0: all cores)")
     return p.parse_args(argv)
 
@@ -110,7 +112,7 @@ def main(argv=None, clock=None) -> int:
         torch.set_num_threads(args.threads)
     try:
         predictor = Predictor.from_path(args.weights, device=args.device, autozoom=not args.no_autozoom,
-                                           refine=not args.no_refine)
+                                           refine=not args.no_refine, policy=args.policy)
     except Exception as exc:
         log.error("cannot load weights from %s: %s", args.weights, _one_line(exc))
         predictor = None

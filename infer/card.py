@@ -35,7 +35,8 @@ class ModelCard:
     order (``DEFAULT_CHANNELS`` for nnInteractive). box_style: "2d" (box drawn on the z_mid slice
     only, as v1.0 was trained) or "3d" (slices z_min..z_max). click_radius: point-ball radius in
     voxels. prompt_decay: factor applied to older prompts, in (0, 1]. weights_sha256: hex digest
-    of weights_file, or None (not checked).
+    of weights_file, or None (not checked). policy: the interaction policy the model is meant to
+    run with (an ``infer.policy`` spec such as "reference"), or None (the predictor's default).
     """
 
     architecture: dict
@@ -52,6 +53,7 @@ class ModelCard:
     demo: bool = False
     source: str = ""
     format: str = FORMAT
+    policy: str | None = None
 
     def __post_init__(self):
         self.validate()
@@ -97,6 +99,14 @@ class ModelCard:
         if not isinstance(self.demo, bool):
             raise CardError(f"demo must be true or false, got {self.demo!r}")
         self.source = str(self.source)
+        if self.policy is not None:
+            from .policy import parse_policy
+            if not isinstance(self.policy, str):
+                raise CardError(f"policy must be a string or null, got {self.policy!r}")
+            try:
+                parse_policy(self.policy)
+            except ValueError as e:
+                raise CardError(f"policy: {e}") from None
 
     def to_dict(self) -> dict:
         """The JSON object, keys in DESIGN.md order."""
@@ -106,6 +116,8 @@ class ModelCard:
                  "weights_file", "weights_sha256", "demo", "source"]
         out = {k: d[k] for k in order}
         out["patch_size"], out["channels"] = list(self.patch_size), list(self.channels)
+        if self.policy is not None:  # optional: written only when set
+            out["policy"] = self.policy
         return out
 
     @classmethod

@@ -215,3 +215,39 @@ def touches_border(mask: torch.Tensor, crop: Crop, shape: Sequence[int]) -> bool
         if bool(last) and crop.hi[a] < shape[a]:
             return True
     return False
+
+
+def crop_to_patch_nearest(src: torch.Tensor, crop: Crop, pad: float = 0.0) -> torch.Tensor:
+    """Nearest-neighbour resampling of the crop of a (d, h, w) volume to the patch, equal to
+    ``interpolate(padded_crop[None, None].double(), crop.patch, mode="nearest")[0, 0]`` (as
+    nnInteractive resamples its previous mask; returned as float32; voxels outside the volume
+    read as ``pad``). Per axis, patch voxel ``j`` reads the crop voxel torch's nearest mode picks
+    for a float64 input (taken from ``interpolate`` of a float64 index ramp, so rounding is
+    torch's own: float32 inputs can pick another voxel); only the selected voxels are gathered."""
+    idx = []
+    for a in range(3):
+        ramp = torch.arange(crop.size[a], dtype=torch.float64)[None, None]
+        sel = torch.nn.functional.interpolate(ramp, size=crop.patch[a], mode="nearest")[0, 0].long()
+        idx.append(sel + crop.lo[a])
+    out = torch.full(tuple(crop.patch), pad, dtype=torch.float32, device=src.device)
+    valid = [(i >= 0) & (i < n) for i, n in zip(idx, src.shape)]
+    picked = [i[v].to(src.device) for i, v in zip(idx, valid)]
+    if any(p.numel() == 0 for p in picked):
+        return out
+    vals = src[picked[0][:, None, None], picked[1][None, :, None], picked[2][None, None, :]].float()
+    where = [torch.nonzero(v).flatten().to(src.device) for v in valid]
+    out[where[0][:, None, None], where[1][None, :, None], where[2][None, None, :]] = vals
+    return out
+
+
+
+def patch_to_region_torch(patch: torch.Tensor, crop: Crop, shape: Sequence[int]) -> Tuple[torch.Tensor, Vec3, Vec3]:
+    """:func:`patch_to_region` computed by ``interpolate(patch, crop.size, mode="trilinear",
+    align_corners=False)`` itself on the whole crop, then cut to the part inside ``shape``: the
+    same values to the last bit as torch's kernel (whose rounding differs from the separable
+    evaluation in the last place), for values thresholded at exact ties (an upsampled 0/1 label
+    against 0.5). Memory: the whole crop in ``patch``'s dtype. (*patch) tensors only."""
+    lo, hi = crop.inside(shape)
+    full = torch.nn.functional.interpolate(patch[None, None], size=tuple(crop.size), mode="trilinear",
+                                           align_corners=False)[0, 0]
+    return full[tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, crop.lo))], lo, hi

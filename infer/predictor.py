@@ -1,18 +1,18 @@
 """The predictor: load a model once, then ``predict(case) -> segs`` for one case.
 
-Per class: choose a crop around the prompt (box stage: the box; click stage: centred on the newest
-click, zoomed out so that the class's previous mask and box fit), resample image and prompts to the
-network patch on the device, forward, resample the foreground probability back into the volume,
-and merge the classes by probability (background = product of (1 - p_c), label = argmax) with
-three running volumes, whatever the number of classes. When the prediction touches a crop face
-that lies inside the volume, the crop is zoomed out (x1.5 steps up to ``max_zoom``) and predicted
-again, while the time budget allows.
+It executes an interaction policy (``infer.policy``: a preset such as "project" or "reference",
+or a ``Policy``), which decides everything about the loop: the first crop of each class, when to
+zoom out, how a zoomed-out prediction comes back into the volume, which zoom-1 tiles refine it,
+and whether classes merge by probability or paste labels. The predictor resamples image and
+prompts to the network patch on the device, runs the network (``forward``), pastes the results
+back, and merges the classes (by probability with three running volumes whatever the number of
+classes, or by labels with one).
 
 Guards: before every forward pass the predictor checks that the pass (timed on the previous
 one) still fits before the deadline, else it keeps what it has (the smaller-zoom result, or the
 class's previous mask). A device out-of-memory error retries the class at zoom 1 without
-autozoom, then (on a GPU) on the CPU; one on the whole case (image or merge volumes) reruns the
-case on the CPU.
+zooming out, then (on a GPU) on the CPU; one on the whole case (image or merge volumes) reruns
+the case on the CPU.
 """
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ import numpy as np
 import torch
 
 from .card import ModelCard
-from .geometry import Crop, bbox_of, crop_to_patch, make_crop, patch_to_region, touches_border, zoom_for_extent
+from .geometry import Crop, bbox_of, crop_to_patch, crop_to_patch_nearest, make_crop, patch_to_region
+from .policy import (Policy, initial_view, lasso, parse_policy, refine_tiles, refines, to_frame, upsample,
+                     wants_zoom_out, zoom_step)
 from .prompts import CHANNELS, ClassPrompts, class_prompts, encode, num_classes
 
 log = logging.getLogger("infer")
@@ -46,13 +48,7 @@ def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     """(D, H, W) any numeric dtype -> float32 on ``device``, z-scored with mean and (unbiased)
     std over the bounding box of the non-zero voxels, 0 outside that box (nnInteractive v1.0).
     NaN and inf become 0 first; a constant box gets std 1."""
-    img = torch.from_numpy(np.ascontiguousarray(imgs)).to(device)
-    if img.dtype == torch.bool:
-        img = img.to(torch.uint8)
-    is_float = img.is_floating_point()
-    img = img.to(torch.float32)
-    if is_float and not bool(torch.isfinite(img).all()):  # integers are always finite
-        img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
+    img = _as_float(imgs, device)
     box = bbox_of(img)
     if box is None:
         return torch.zeros_like(img)
@@ -64,6 +60,24 @@ def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     out = torch.zeros_like(img)
     out[z0:z1, y0:y1, x0:x1] = (inner - float(mean)) / float(std)
     return out
+
+
+def _as_float(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
+    """(D, H, W) any numeric dtype -> float32 on ``device``, NaN and inf as 0."""
+    img = torch.from_numpy(np.ascontiguousarray(imgs)).to(device)
+    if img.dtype == torch.bool:
+        img = img.to(torch.uint8)
+    is_float = img.is_floating_point()
+    img = img.to(torch.float32)
+    if is_float and not bool(torch.isfinite(img).all()):  # integers are always finite
+        img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
+    return img
+
+
+def nonzero_box(imgs: np.ndarray, device: torch.device):
+    """Half-open bounding box of the image's non-zero voxels (the box ``normalize_image`` uses and
+    nnInteractive crops the case to), or None when the image is all zero."""
+    return bbox_of(_as_float(imgs, device))
 
 
 class _Merge:
@@ -90,37 +104,80 @@ class _Merge:
         return lab.cpu().numpy().astype(dtype, copy=False)
 
 
+class _LabelMerge:
+    """Class merge by labels (nnInteractive's challenge script): each class writes its label where
+    its mask is set, in class order, so a later class overwrites an earlier one. One volume."""
+
+    def __init__(self, shape: Sequence[int], k: int, device: torch.device):
+        self.label = torch.zeros(tuple(shape), dtype=torch.int16 if k < 2 ** 15 else torch.int32, device=device)
+
+    def add(self, k: int, prob: torch.Tensor, lo: Sequence[int], hi: Sequence[int]) -> None:
+        sl = tuple(slice(l, h) for l, h in zip(lo, hi))
+        self.label[sl] = torch.where(prob > 0.5, torch.full_like(self.label[sl], k), self.label[sl])
+
+    def result(self, k: int) -> np.ndarray:
+        dtype = np.uint8 if k <= 255 else np.uint16
+        return self.label.cpu().numpy().astype(dtype, copy=False)
+
+
+def network_input(image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor], crop: Crop,
+                  card: ModelCard, device: torch.device, box_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The network input for ``crop``: (1, C, *patch) float32 = the resampled image, then the
+    prompt channels ``card`` names, in its order. ``box_mask``: (D, H, W) mask that the box+
+    channel is restricted to (pseudo-lasso), or None. Training builds its inputs here too."""
+    img = crop_to_patch(image, crop)
+    chans = encode(prompts, crop, prev_k, int(round(card.click_radius)), card.prompt_decay, device)
+    if box_mask is not None:
+        chans[CHANNELS.index("box+")] = lasso(chans[CHANNELS.index("box+")], crop_to_patch(box_mask, crop))
+    index = [CHANNELS.index(c) for c in card.channels[1:]]
+    if index != list(range(len(CHANNELS))):
+        chans = chans[index]
+    return torch.cat([img[None], chans], 0)[None]
+
+
 class Predictor:
     """Load once, then ``predict(case)`` per case.
 
-    ``network``: module mapping (1, C, *patch) -> (1, 2, *patch) logits; ``card``: its model card.
+    ``network``: module mapping (1, C, *patch) -> (1, 2, *patch) logits; ``card``: its model card;
+    ``policy``: the interaction policy (``infer.policy``: a preset name, a spec such as
+    ``"reference,refine=none"``, or a ``Policy``); default: the card's ``policy`` field, else
+    ``"project"``. The keyword arguments ``autozoom`` (False: ``zoom_out="none"``), ``refine``
+    (False: ``refine="none"``), ``max_zoom``, ``context`` and ``max_refine_patches`` override
+    the policy's knobs of those names.
     """
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, device: Optional[str | torch.device] = None,
-                 autozoom: bool = True, max_zoom: float = 4.0, context: float = 1 / 3,
-                 refine: bool = True, max_refine_patches: int = 27):
+                 policy: Optional[str | Policy] = None, autozoom: Optional[bool] = None,
+                 max_zoom: Optional[float] = None, context: Optional[float] = None,
+                 refine: Optional[bool] = None, max_refine_patches: Optional[int] = None):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         self.network = network.to(self.device).eval()
         self.card = card
         self.patch = tuple(int(p) for p in card.patch_size)
-        self.autozoom = autozoom
-        self.max_zoom = float(max_zoom)
-        self.context = float(context)
-        self.refine = refine
-        self.max_refine_patches = int(max_refine_patches)
+        pol = parse_policy(policy if policy is not None else getattr(card, "policy", None))
+        kw = {k: v for k, v in (("max_zoom", max_zoom), ("context", context),
+                                ("max_refine_patches", max_refine_patches)) if v is not None}
+        if autozoom is False:
+            kw["zoom_out"] = "none"
+        if refine is False:
+            kw["refine"] = "none"
+        self.policy = pol.replace(**kw) if kw else pol
         self.half = self.device.type == "cuda"
-        # the card names the network's input channels: image first, then prompt channels by name
-        self.prompt_index = [CHANNELS.index(c) for c in card.channels[1:]]
         self.forward_s = 0.0  # duration of the last forward pass (the ``clock`` given to predict)
         self.cpu_fallback = self.device.type != "cpu"  # retry out-of-memory classes on the CPU
 
+    @property
+    def max_zoom(self) -> float:
+        return self.policy.max_zoom
+
     @classmethod
-    def from_path(cls, path, device: Optional[str] = None, **kw) -> "Predictor":
+    def from_path(cls, path, device: Optional[str] = None, policy: Optional[str | Policy] = None,
+                  **kw) -> "Predictor":
         """Load a converted artifact folder or an nnInteractive release folder (see ``infer.weights``)."""
         from .weights import load_model
         dev = pick_device(device)
         network, card = load_model(path, device=dev)
-        return cls(network, card, dev, **kw)
+        return cls(network, card, dev, policy=policy, **kw)
 
     # ------------------------------------------------------------------ public API
     def predict(self, case: dict, deadline: Optional[float] = None,
@@ -151,6 +208,12 @@ class Predictor:
         name = case.get("name", "case")
         with torch.inference_mode():
             image = normalize_image(imgs, self.device)
+            nonzero = nonzero_box(imgs, self.device) if self.policy.crop_nonzero else None
+            frame = None
+            if nonzero is not None:
+                frame = (nonzero[0], shape)  # origin of the frame, shape of the whole volume
+                image = image[tuple(slice(l, h) for l, h in zip(*nonzero))]
+            fsl = tuple(slice(l, h) for l, h in zip(*nonzero)) if frame is not None else None
             prev = case.get("prev_pred")
             prev_t = None
             if prev is not None and tuple(prev.shape) == shape:
@@ -159,7 +222,7 @@ class Predictor:
                     prev_t = prev_t.to(torch.int32)  # `uint8 == 300` would wrap to `== 44`
             elif prev is not None:
                 log.warning("%s: prev_pred shape %s != imgs shape %s: ignored", name, prev.shape, shape)
-            merge = _Merge(shape, k_total, self.device)
+            merge = (_LabelMerge if self.policy.paste == "label" else _Merge)(shape, k_total, self.device)
             for k in range(1, k_total + 1):
                 prev_k = (prev_t == k) if prev_t is not None else None
                 pbox = bbox_of(prev_k) if prev_k is not None else None
@@ -167,7 +230,13 @@ class Predictor:
                     if not self._fits(deadline, clock):
                         raise TimeoutError("time budget spent: keeping the previous mask")
                     prompts = class_prompts(case, k, self.card.box_style)
-                    region = self._predict_class_guarded(image, prompts, prev_k, deadline, clock, name, k, pbox)
+                    fprev, fbox = prev_k, pbox
+                    if frame is not None:
+                        prompts = to_frame(prompts, frame[0], image.shape)
+                        fprev = prev_k[fsl] if prev_k is not None else None
+                        fbox = bbox_of(fprev) if fprev is not None else None
+                    region = self._predict_class_guarded(image, prompts, fprev, deadline, clock, name, k, fbox,
+                                                         frame)
                 except Exception as exc:  # one class never stops the others
                     log.error("%s: class %d: %s: %s", name, k, type(exc).__name__, _first_line(exc))
                     region = None
@@ -179,17 +248,19 @@ class Predictor:
         """Whether one more forward pass (as long as the last one) ends before ``deadline``."""
         return deadline is None or clock() + self.forward_s <= deadline
 
-    def _predict_class_guarded(self, image, prompts, prev_k, deadline, clock, name, k, pbox=None) -> Optional[Region]:
+    def _predict_class_guarded(self, image, prompts, prev_k, deadline, clock, name, k, pbox=None,
+                               frame=None) -> Optional[Region]:
         """``predict_class`` with the out-of-memory ladder: as planned, then at zoom 1 without
         autozoom on the same device, then (device not the CPU) at zoom 1 on the CPU."""
         try:
-            return self.predict_class(image, prompts, prev_k, deadline, clock, prev_box=pbox)
+            return self.predict_class(image, prompts, prev_k, deadline, clock, prev_box=pbox, frame=frame)
         except torch.OutOfMemoryError as exc:
             log.warning("%s: class %d: device out of memory (%s): retrying at zoom 1 without autozoom",
                         name, k, _first_line(exc))
         _free_device(self.device)
         try:
-            return self.predict_class(image, prompts, prev_k, deadline, clock, max_zoom=1.0, prev_box=pbox)
+            return self.predict_class(image, prompts, prev_k, deadline, clock, max_zoom=1.0, prev_box=pbox,
+                                      frame=frame)
         except torch.OutOfMemoryError as exc:
             if not self.cpu_fallback:
                 raise
@@ -198,7 +269,7 @@ class Predictor:
         _free_device(self.device)
         with self._on_cpu() as cpu:
             region = cpu.predict_class(image.cpu(), prompts, None if prev_k is None else prev_k.cpu(),
-                                       deadline, clock, max_zoom=1.0, prev_box=pbox)
+                                       deadline, clock, max_zoom=1.0, prev_box=pbox, frame=frame)
         return None if region is None else (region[0].to(self.device), region[1], region[2])
 
     def _on_cpu(self):
@@ -210,9 +281,7 @@ class Predictor:
         def twin():
             self.network.to("cpu")
             try:
-                cpu = Predictor(self.network, self.card, torch.device("cpu"), autozoom=self.autozoom,
-                                max_zoom=self.max_zoom, context=self.context, refine=self.refine,
-                                max_refine_patches=self.max_refine_patches)
+                cpu = Predictor(self.network, self.card, torch.device("cpu"), policy=self.policy)
                 cpu.cpu_fallback = False
                 # a CPU pass is far slower than the device's: let the budget guard know up front
                 cpu.forward_s = self.forward_s * CPU_SLOWDOWN
@@ -228,10 +297,11 @@ class Predictor:
             torch.cuda.synchronize(self.device)
 
     # ------------------------------------------------------------------ steps
-    def _merge_class(self, merge: _Merge, k: int, region: Optional[Region], prev_k: Optional[torch.Tensor],
+    def _merge_class(self, merge, k: int, region: Optional[Region], prev_k: Optional[torch.Tensor],
                      pbox=None) -> None:
-        """Merge one class: its new probabilities over ``region`` and its previous mask elsewhere
-        (``pbox``: the previous mask's bounding box, as ``bbox_of(prev_k)``)."""
+        """Merge one class: its new values over ``region`` (NaN: not predicted, the previous mask
+        stays) and its previous mask elsewhere (``pbox``: the previous mask's bounding box, as
+        ``bbox_of(prev_k)``)."""
         if region is None and pbox is None:
             return
         boxes = [b for b in (pbox, region and (region[1], region[2])) if b is not None]
@@ -244,109 +314,128 @@ class Predictor:
             tuple(h - l for l, h in zip(lo, hi)), device=self.device)
         if region is not None:
             vals, rlo, rhi = region
-            prob[tuple(slice(a - l, b - l) for a, b, l in zip(rlo, rhi, lo))] = vals.float()
+            sub = tuple(slice(a - l, b - l) for a, b, l in zip(rlo, rhi, lo))
+            vals = vals.float()
+            prob[sub] = torch.where(torch.isnan(vals), prob[sub], vals)
         merge.add(k, prob, lo, hi)
 
     def initial_view(self, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                      prev_box=None) -> Tuple[list, float]:
-        """(centre, zoom) of the first crop. Box stage: centred on the box's 3D extent, zoomed so it
-        fits with context. Click stage: centred on the newest click, zoomed so that the previous
-        mask and the box fit around it too. ``prev_box``: ``bbox_of(prev_k)`` when already known."""
-        if not prompts.clicks:
-            lo, hi = prompts.extent  # type: ignore[misc]
-            center = [(l + h - 1) / 2.0 for l, h in zip(lo, hi)]
-            return center, zoom_for_extent([h - l for l, h in zip(lo, hi)], self.patch, self.context, 1.0, self.max_zoom)
-        c = prompts.clicks[-1][1]
-        if prev_box is None and prev_k is not None:
+        """(centre, zoom) of the first crop: ``infer.policy.initial_view`` with this predictor's
+        policy. ``prev_box``: ``bbox_of(prev_k)`` when already known."""
+        if prev_box is None and prev_k is not None and prompts.clicks:
             prev_box = bbox_of(prev_k)
-        boxes = [b for b in (prompts.extent, prev_box) if b is not None]
-        # half-width around the click that covers every box, as a full extent
-        ext = [2 * max([0] + [max(c[a] - b[0][a], b[1][a] - 1 - c[a]) for b in boxes]) + 1 for a in range(3)]
-        return list(c), zoom_for_extent(ext, self.patch, self.context, 1.0, self.max_zoom)
+        return initial_view(self.policy, prompts, prev_box, self.patch)
+
+    def _timed_forward(self, image, prompts, prev_k, crop, clock, box_mask=None) -> torch.Tensor:
+        t = clock()
+        prob = self.forward(image, prompts, prev_k, crop) if box_mask is None else \
+            self.forward(image, prompts, prev_k, crop, box_mask=box_mask)
+        self._sync()
+        self.forward_s = max(clock() - t, 0.0)
+        return prob
 
     def predict_class(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                       deadline: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
-                      max_zoom: Optional[float] = None, prev_box=None) -> Optional[Region]:
-        """Predict one class. Returns ``(prob, lo, hi)``: foreground probability over the part
-        ``[lo, hi)`` of the volume that the final crop covers, or None to keep the previous mask
-        (class marked done, nothing to prompt with, or no time for a forward pass).
+                      max_zoom: Optional[float] = None, prev_box=None, policy: Optional[Policy] = None,
+                      frame=None) -> Optional[Region]:
+        """Predict one class. Returns ``(values, lo, hi)``: the class's new values (foreground
+        probability, or 0/1 labels for ``upsample="label"``; NaN where the previous mask stays)
+        over ``[lo, hi)`` of the volume, or None to keep the previous mask (class marked done,
+        nothing to prompt with, or no time for a forward pass).
 
-        ``max_zoom`` given: the zoom is capped there and autozoom is off (the out-of-memory retry).
-        A device out-of-memory error during an autozoom step keeps the previous, smaller-zoom
-        result."""
-        if prompts.done or (not prompts.clicks and prompts.extent is None):
+        ``image``, ``prompts``, ``prev_k``, ``prev_box`` are in the frame the policy works in (the
+        whole volume, or its non-zero crop); ``frame``: None (the whole volume) or ``(origin,
+        volume shape)`` of that crop, and the result is in volume coordinates. ``policy``: this
+        call's policy instead of the predictor's. ``max_zoom`` given: the zoom is capped there and
+        there is no zooming out (the out-of-memory retry). A device out-of-memory error during a
+        zoom-out step keeps the previous, smaller-zoom result."""
+        pol = policy or self.policy
+        if max_zoom is not None:
+            pol = pol.replace(max_zoom=max(1.0, min(max_zoom, pol.max_zoom)), zoom_out="none")
+        view_box = prompts.box if pol.box_view == "box" else prompts.extent  # what a box stage centres on
+        if prompts.done or (not prompts.clicks and view_box is None):
             return None
         shape = tuple(image.shape)
-        autozoom = self.autozoom and max_zoom is None
-        max_zoom = self.max_zoom if max_zoom is None else min(max_zoom, self.max_zoom)
-        center, zoom = self.initial_view(prompts, prev_k, prev_box)
-        crop = make_crop(center, min(zoom, max_zoom), self.patch)
+        origin, vshape = frame if frame is not None else ((0, 0, 0), shape)
+        if prev_box is None and prev_k is not None and prompts.clicks and pol.click_zoom == "fit":
+            prev_box = bbox_of(prev_k)
+        center, zoom = initial_view(pol, prompts, prev_box, self.patch)
+        crop = make_crop(center, zoom, self.patch)
         prob = None
         while self._fits(deadline, clock):
             try:
-                t = clock()
-                new = self.forward(image, prompts, prev_k, crop)
-                self._sync()
-                self.forward_s = max(clock() - t, 0.0)
+                new = self._timed_forward(image, prompts, prev_k, crop, clock)
             except torch.OutOfMemoryError:
                 if prob is None:
                     raise
                 log.warning("device out of memory at zoom %.2f: keeping the smaller zoom", max(crop.scale))
                 _free_device(self.device)
                 break
-            if prob is not None and bool((prob > 0.5).any()) and not bool((new > 0.5).any()):
+            if pol.keep_lost and prob is not None and bool((prob > 0.5).any()) and not bool((new > 0.5).any()):
                 log.warning("zooming out to %.2f lost the object: keeping the smaller zoom", max(crop.scale))
                 break
-            prob, last = new, crop
-            zoom = max(crop.scale)
-            if not autozoom or zoom >= max_zoom - 1e-6 or not touches_border(prob > 0.5, crop, shape):
+            prob, last, last_zoom = new, crop, zoom
+            if pol.zoom_out == "none":
                 break
-            crop = make_crop(center, min(zoom * 1.5, max_zoom), self.patch)
+            nxt = zoom_step(pol, center, zoom, crop, self.patch)
+            if nxt is None:
+                break
+            prev_patch = None
+            if pol.zoom_out == "border_change" and prev_k is not None:
+                prev_patch = crop_to_patch_nearest(prev_k, crop)
+            if not wants_zoom_out(pol, prob, crop, shape, prev_patch):
+                break
+            zoom, crop = nxt
         if prob is None:
             raise TimeoutError("no time left for a forward pass: keeping the previous mask")
-        region = patch_to_region(prob, last, shape)
-        if self.refine and max(last.scale) > 1 + 1e-6:
-            region = self.refine_region(image, prompts, prev_k, region, deadline, clock)
+        region = upsample(pol, prob, _shift(last, origin), vshape)
+        if refines(pol, last_zoom, last):
+            region = self._refine(pol, image, prompts, prev_k, region, origin, vshape, center, deadline, clock)
         return region
 
-    def refine_region(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
-                      region: Region, deadline: Optional[float] = None,
-                      clock: Callable[[], float] = time.monotonic) -> Region:
-        """Full-resolution refinement of a zoomed-out prediction (optional work, as nnInteractive's
-        AutoZoom does): patches at zoom 1 tile the coarse object's bounding box, each predicted with
-        the coarse mask as its previous mask, and overwrite the coarse probabilities they cover.
-        Skipped when the object needs more than ``max_refine_patches`` patches; stops when the
-        time budget runs out (the coarse values stay)."""
+    def _refine(self, pol: Policy, image, prompts, prev_k, region: Region, origin, vshape, center,
+                deadline, clock) -> Region:
+        """Full-resolution refinement of a zoomed-out prediction ``region`` (volume coordinates):
+        zoom-1 tiles where ``infer.policy.refine_tiles`` puts them, each predicted with the coarse
+        mask pasted into the previous mask (pseudo-lasso on box+ when ``pol.lasso``). "tiles":
+        tiles overwrite the coarse values they cover; "diff": the previous mask is updated tile by
+        tile and only the tiles are pasted (NaN elsewhere). Tiles stop when the time budget runs
+        out (what is left keeps the coarse values, or the previous mask)."""
         vals, lo, hi = region
-        box = bbox_of(vals > 0.5)
-        if box is None:
-            return region
-        blo = [lo[a] + box[0][a] for a in range(3)]
-        bhi = [lo[a] + box[1][a] for a in range(3)]
-        starts = []
-        for a in range(3):
-            ext, p = bhi[a] - blo[a], self.patch[a]
-            # one tile when the object fits, else enough tiles to overlap by at least a fifth
-            n = 1 if ext <= p else 1 + -(-(ext - p) // max(int(p * 0.8), 1))
-            span = max(ext - p, 0)
-            starts.append([blo[a] + (round(span * i / (n - 1)) if n > 1 else (ext - p) // 2) for i in range(n)])
-        tiles = [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
-        if len(tiles) > self.max_refine_patches:
-            return region
         shape = tuple(image.shape)
-        coarse = torch.zeros(shape, dtype=torch.bool, device=self.device) if prev_k is None else prev_k.clone()
-        coarse[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = vals > 0.5
-        out = vals.clone()
-        for t in tiles:
+        # the coarse values inside the frame, frame coordinates
+        flo = [max(l - o, 0) for l, o in zip(lo, origin)]
+        fhi = [max(min(h - o, s), a) for h, o, s, a in zip(hi, origin, shape, flo)]
+        inner = vals[tuple(slice(a + o - l, b + o - l) for a, b, o, l in zip(flo, fhi, origin, lo))]
+        rng = np.random.RandomState(0)  # the cover's random fallback: reproducible
+        tiles = refine_tiles(pol, inner, flo, fhi, prev_k, shape, self.patch,
+                             [int(round(c)) for c in center], rng)
+        if not tiles:
+            return region
+        running = torch.zeros(shape, dtype=torch.bool, device=self.device) if prev_k is None else prev_k.clone()
+        running[tuple(slice(a, b) for a, b in zip(flo, fhi))] = inner > 0.5
+        box_mask = running.clone() if pol.lasso and prompts.box is not None else None
+        crops = [Crop(lo=tuple(t), size=self.patch, patch=self.patch) for t in tiles]
+        if pol.refine == "diff":
+            wins = [w for w in (_shift(c, origin).inside(vshape) for c in crops)
+                    if all(h > l for l, h in zip(*w))]
+            if wins:
+                lo = tuple(min(w[0][a] for w in wins) for a in range(3))
+                hi = tuple(max(w[1][a] for w in wins) for a in range(3))
+            out = torch.full(tuple(h - l for l, h in zip(lo, hi)), float("nan"), device=self.device)
+        else:
+            out = vals.clone()
+        prev_for_tiles = running
+        for crop in crops:
             if not self._fits(deadline, clock):
                 break
-            crop = Crop(lo=tuple(t), size=self.patch, patch=self.patch)
-            t0 = clock()
-            prob = self.forward(image, prompts, coarse, crop)
-            self._sync()
-            self.forward_s = max(clock() - t0, 0.0)
-            pv, plo, phi = patch_to_region(prob, crop, shape)
-            # the tile's part inside the coarse region
+            prob = self._timed_forward(image, prompts, prev_for_tiles, crop, clock, box_mask=box_mask)
+            if pol.refine == "diff":
+                pv, plo, phi = patch_to_region(prob, crop, shape)
+                running[tuple(slice(a, b) for a, b in zip(plo, phi))] = pv > 0.5
+            pv, plo, phi = patch_to_region(prob, _shift(crop, origin), vshape)
+            # the tile's part inside the output box
             a0 = [max(plo[a], lo[a]) for a in range(3)]
             a1 = [min(phi[a], hi[a]) for a in range(3)]
             if any(e <= b for b, e in zip(a0, a1)):
@@ -356,27 +445,38 @@ class Predictor:
         return out, lo, hi
 
     def make_input(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
-                   crop: Crop) -> torch.Tensor:
-        """The network input for ``crop``: (1, C, *patch) float32 = the resampled image, then the
-        prompt channels the model card names, in its order (training builds its inputs here too)."""
-        img = crop_to_patch(image, crop)
-        chans = encode(prompts, crop, prev_k, int(round(self.card.click_radius)), self.card.prompt_decay, self.device)
-        if self.prompt_index != list(range(len(CHANNELS))):
-            chans = chans[self.prompt_index]
-        return torch.cat([img[None], chans], 0)[None]
+                   crop: Crop, box_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network input for ``crop`` (:func:`network_input` with this predictor's card)."""
+        return network_input(image, prompts, prev_k, crop, self.card, self.device, box_mask)
 
     def forward(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
-                crop: Crop) -> torch.Tensor:
-        """One network pass on ``crop``: returns the foreground probability, (*patch) float32."""
-        x = self.make_input(image, prompts, prev_k, crop)
-        if self.half:
-            with torch.autocast("cuda", dtype=torch.float16):
-                logits = self.network(x)
-        else:
-            logits = self.network(x)
-        if isinstance(logits, (list, tuple)):
-            logits = logits[0]
-        return torch.softmax(logits[0].float(), 0)[1]
+                crop: Crop, box_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One network pass on ``crop``: returns the foreground probability, (*patch) float32
+        (with ``policy.mirror``: the mean over the 8 axis flips of the input)."""
+        x = self.make_input(image, prompts, prev_k, crop, box_mask)
+        flips = [()] if not self.policy.mirror else \
+            [tuple(a for a, bit in zip((2, 3, 4), (i & 1, i & 2, i & 4)) if bit) for i in range(8)]
+        total = None
+        for dims in flips:
+            xi = torch.flip(x, dims) if dims else x
+            if self.half:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    logits = self.network(xi)
+            else:
+                logits = self.network(xi)
+            if isinstance(logits, (list, tuple)):
+                logits = logits[0]
+            p = torch.softmax(logits[0].float(), 0)[1]
+            p = torch.flip(p, tuple(d - 2 for d in dims)) if dims else p
+            total = p if total is None else total + p
+        return total if len(flips) == 1 else total / len(flips)
+
+
+def _shift(crop: Crop, origin: Sequence[int]) -> Crop:
+    """``crop`` moved by ``origin`` (frame -> volume coordinates)."""
+    if not any(origin):
+        return crop
+    return Crop(lo=tuple(l + o for l, o in zip(crop.lo, origin)), size=crop.size, patch=crop.patch)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -230,18 +230,42 @@ def test_zoomed_out_training_crop_is_the_autozoom_crop():
     gt[6:18, 8:30, 8:30] = True
     imgs = (gt * 150 + 40).astype(np.uint8)
     pred = _stub_predictor(2)
+    pol, patch = pred.policy, pred.patch
     ex = simulate_example(pred, imgs, gt, np.random.default_rng(1), p_box=1.0, p_second=0.0)
+    # the box's extent (12, 22, 22) on the tiny patch (16, 32, 32): centre (11.5, 18.5, 18.5),
+    # zoom max((12 + 16/3) / 16, (22 + 32/3) / 32) = 1.0833 (hand-computed)
     center, zoom = pred.initial_view(ex.prompts, None)
-    first = training_crop(pred, ex.prompts, None, 0)
-    assert first == make_crop(center, zoom, pred.patch) == ex.crop
-    one = training_crop(pred, ex.prompts, None, 1)
-    assert one == make_crop(center, min(max(first.scale) * 1.5, pred.max_zoom), pred.patch)
-    two = training_crop(pred, ex.prompts, None, 2)
+    assert center == [11.5, 18.5, 18.5] and zoom == pytest.approx((12 + 16 / 3) / 16)
+    first = training_crop(pol, patch, ex.prompts, None, 0)
+    assert first == make_crop(center, zoom, patch) == ex.crop
+    # one step: x1.5 of the crop's largest actual scale (y, x: round(32 * 1.0833) = 35 -> 35/32)
+    one = training_crop(pol, patch, ex.prompts, None, 1)
+    assert first.size == (17, 35, 35)
+    assert one == make_crop(center, 35 / 32 * 1.5, patch)
+    two = training_crop(pol, patch, ex.prompts, None, 2)
     assert max(two.scale) > max(one.scale) > max(first.scale)
     # with p_zoom_out = 1 the example is sampled on a zoomed-out crop
     ex2 = simulate_example(pred, imgs, gt, np.random.default_rng(1), p_box=1.0, p_second=0.0,
                            p_zoom_out=1.0)
     assert ex2.crop in (one, two)
+
+
+def test_examples_without_the_network_need_no_predictor():
+    """A first-interaction example is built from the card and policy alone (as the data-loader
+    workers do); one with a second step asks for the network."""
+    from train.simulate import ModelNeeded
+    gt = np.zeros(SHAPE, dtype=bool)
+    gt[6:18, 8:30, 8:30] = True
+    imgs = (gt * 150 + 40).astype(np.uint8)
+    pred = _stub_predictor(2)
+    with_net = simulate_example(pred, imgs, gt, np.random.default_rng(3), p_box=1.0, p_second=0.0)
+    without = simulate_example(None, imgs, gt, np.random.default_rng(3), p_box=1.0, p_second=0.0,
+                               card=pred.card, policy=pred.policy)
+    assert without.crop == with_net.crop
+    assert torch.equal(without.x, with_net.x) and torch.equal(without.target, with_net.target)
+    with pytest.raises(ModelNeeded):
+        simulate_example(None, imgs, gt, np.random.default_rng(3), p_box=1.0, p_second=1.0,
+                         card=pred.card, policy=pred.policy)
 
 
 def test_refinement_example_uses_the_coarse_prediction_on_a_zoom_1_tile():

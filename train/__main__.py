@@ -109,6 +109,9 @@ def main(argv=None) -> int:
     ap.add_argument("--p-refine", type=float, default=0.0,
                     help="probability of a full-resolution refinement example (coarse prediction "
                          "as previous mask, zoom-1 tile), taken from the draws without a second step")
+    ap.add_argument("--policy", default=None,
+                    help="interaction policy whose crops the examples are cut on (infer/policy.py "
+                         "spec; default: the model card's, else project)")
     ap.add_argument("--val", help="validation-layout folder (images/, gts/) for the per-epoch warm evaluation")
     ap.add_argument("--val-n", type=int, default=None, help="use only the first N validation cases (default: all)")
     ap.add_argument("--val-clicks", type=int, default=5, help="click stages per validation case")
@@ -143,7 +146,7 @@ def _run(a, argv, ctx) -> int:
                       p_box=a.p_box, p_second=a.p_second, device=a.device, validate=validate,
                       progress=not a.no_progress,
                       sim_autozoom=not a.no_sim_autozoom, p_zoom_out=a.p_zoom_out,
-                      p_refine=a.p_refine, dist=ctx, workers=a.workers)
+                      p_refine=a.p_refine, dist=ctx, workers=a.workers, policy=a.policy)
     if latest_checkpoint(a.out) is not None:
         trainer.resume()
         say(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored")

@@ -15,11 +15,12 @@ process. ``set_epoch`` works with persistent workers because the epoch travels w
 
 :class:`ExampleSet` (in the workers) reads the case (``Case.load``: from memory, or from its npz
 file for a lazily indexed folder), normalises the image and tries the whole prompt simulation
-with a predictor whose network raises :class:`ModelNeeded`. An example that never needs the
-network (no second step) comes back finished, as a patch-sized input and target. One that does
-comes back as the case's arrays; the main process then runs the simulation again from the
-slot's generator with the trainer's predictor on the training device, which gives exactly the
-example a direct run gives.
+without a predictor (crops come from the trainer's model card and interaction policy,
+``infer.policy``): an example that never needs the network (no second step) comes back finished,
+as a patch-sized input and target. One that does raises ``train.simulate.ModelNeeded`` and comes
+back as the case's arrays; the main process then runs the simulation again from the slot's
+generator with the trainer's predictor on the training device, which gives exactly the example a
+direct run gives.
 """
 from __future__ import annotations
 
@@ -33,15 +34,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from infer.predictor import Predictor, normalize_image
 
 from .data import epoch_plan
-
-
-class ModelNeeded(Exception):
-    """Raised by the workers' stand-in network: this example needs the real one."""
-
-
-class _Deferred(torch.nn.Module):
-    def forward(self, x):  # noqa: D401 - never computes anything
-        raise ModelNeeded
+from .simulate import ModelNeeded
 
 
 def slot_rng(seed: int, epoch: int, slot: int) -> np.random.Generator:
@@ -73,7 +66,7 @@ class ExampleSet(Dataset):
 
     ``simulate(predictor, imgs, gt, rng, image=...) -> Example``: the trainer's prompt simulation
     (``train.simulate.simulate_example`` with its settings). ``predictor``: the trainer's, whose
-    card and crop settings the workers' network-free copy takes. ``normalize``: normalise images
+    model card and interaction policy the workers build network-free examples with. ``normalize``: normalise images
     in the worker (True for CPU training; on a GPU the main process does it on the device).
     """
 
@@ -81,10 +74,7 @@ class ExampleSet(Dataset):
                  normalize: bool = True):
         self.cases, self.simulate = cases, simulate
         self.seed, self.n_slots, self.normalize = int(seed), int(n_slots), bool(normalize)
-        self.geometry = Predictor(_Deferred(), predictor.card, "cpu", autozoom=predictor.autozoom,
-                                  max_zoom=predictor.max_zoom, context=predictor.context,
-                                  refine=predictor.refine,
-                                  max_refine_patches=predictor.max_refine_patches)
+        self.card, self.policy = predictor.card, predictor.policy
         self._plan = (None, None)
 
     def __len__(self) -> int:
@@ -103,7 +93,8 @@ class ExampleSet(Dataset):
         gt = case.gts == label
         image = normalize_image(case.imgs, torch.device("cpu"))
         try:
-            ex = self.simulate(self.geometry, case.imgs, gt, slot_rng(self.seed, epoch, slot), image=image)
+            ex = self.simulate(None, case.imgs, gt, slot_rng(self.seed, epoch, slot), image=image,
+                               card=self.card, policy=self.policy)
         except ModelNeeded:
             return Item(epoch, slot, imgs=case.imgs, gt=gt, image=image if self.normalize else None)
         return Item(epoch, slot, x=ex.x, target=ex.target)

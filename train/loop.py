@@ -48,7 +48,8 @@ class Trainer:
                  amp: Optional[bool] = None,
                  validate: Optional[Callable[[Predictor], dict]] = None, progress: bool = True,
                  keep: int = 2, sim_autozoom: bool = True, p_zoom_out: float = 0.0,
-                 p_refine: float = 0.0, dist: Optional[DistContext] = None, workers: int = 0):
+                 p_refine: float = 0.0, dist: Optional[DistContext] = None, workers: int = 0,
+                 policy=None):
         self.dist = dist or DistContext.single(device)
         self.device = self.dist.device
         self.network = network.to(self.device).train().requires_grad_(True)
@@ -70,10 +71,12 @@ class Trainer:
         self.workers = int(workers)
         self.loader = None  # built on first use (train.loader)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        # the predictor's own per-class path, sharing the network being trained; the no-grad
-        # first prediction of the second step may skip autozoom (sim_autozoom=False) to save the
-        # extra forward passes an untrained network's everywhere-positive output triggers
-        self.predictor = Predictor(self.network, card, self.device, autozoom=True)
+        # the predictor's own per-class path, sharing the network being trained, with the
+        # interaction policy (``infer.policy``; None: the card's, else "project") whose crops the
+        # examples are cut on; the no-grad first prediction of the second step may skip zooming
+        # out (sim_autozoom=False) to save the extra forward passes an untrained network's
+        # everywhere-positive output triggers
+        self.predictor = Predictor(self.network, card, self.device, policy=policy)
         self.sim_autozoom = bool(sim_autozoom)
         self.p_zoom_out = float(p_zoom_out)
         self.p_refine = float(p_refine)

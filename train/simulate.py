@@ -7,19 +7,24 @@ One training example for one class of one case, built exactly as inference sees 
    prediction (``evaluation.clicks.next_click`` against an all-zero mask: the centre of the largest
    ground-truth component, always a foreground click).
 2. With probability ``p_second``, a second step: the network is run without gradients through the
-   predictor's own per-class path (``Predictor.predict_class``: crop choice, autozoom, resampling
-   back into the volume), the organizer's click is placed on that prediction
-   (``evaluation.clicks.next_click``: largest 26-connected error component, maximum-EDT voxel,
-   fg/bg by the truth), and the previous-mask and click channels are updated (prompts rebuilt with
-   ``infer.prompts.class_prompts`` from a case dict in the harness's form). Without the second
-   step (or when the first prediction is already perfect) the example trains on the first
-   interaction with an empty previous mask, which is what the box stage and the first click of a
-   no-box case feed the model.
-3. The example is the network input for the final prompts on the crop the predictor would choose
-   (``Predictor.initial_view``; with probability ``p_zoom_out`` the crop its autozoom reaches
-   after one or two x1.5 steps), and the ground truth resampled onto that crop.
+   predictor's own per-class path (``Predictor.predict_class``: crop choice, zooming out,
+   resampling back into the volume, as its policy decides), the organizer's click is placed on
+   that prediction (``evaluation.clicks.next_click``: largest 26-connected error component,
+   maximum-EDT voxel, fg/bg by the truth), and the previous-mask and click channels are updated
+   (prompts rebuilt with ``infer.prompts.class_prompts`` from a case dict in the harness's form).
+   Without the second step (or when the first prediction is already perfect) the example trains
+   on the first interaction with an empty previous mask, which is what the box stage and the
+   first click of a no-box case feed the model.
+3. The example is the network input for the final prompts on the crop the interaction policy
+   chooses (``infer.policy.initial_view``; with probability ``p_zoom_out`` the crop reached after
+   one or two zoom-out steps, ``infer.policy.view_crop``), and the ground truth resampled onto
+   that crop. Refinement examples (``p_refine``) take a zoom-1 tile drawn by
+   ``infer.policy.sample_tile`` over the coarse prediction.
 
-Everything is in (z, y, x) voxel order of ``imgs``.
+The crop decisions come from ``infer.policy`` alone, so examples that need no network (no second
+step) are built without a predictor (``predictor=None`` with ``card`` and ``policy``); one that
+needs the network then raises :class:`ModelNeeded`. Crops are taken in the whole volume (the
+policy's ``crop_nonzero`` is not applied here). Everything is in (z, y, x) voxel order of ``imgs``.
 """
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ import numpy as np
 import torch
 
 from evaluation.clicks import Click, ClickState, next_click
-from infer.geometry import Crop, crop_to_patch, make_crop
-from infer.predictor import Predictor
+from infer.card import ModelCard
+from infer.geometry import Crop, bbox_of, crop_to_patch
+from infer.policy import Policy, initial_view, sample_tile, view_crop
+from infer.predictor import Predictor, network_input
 from infer.prompts import ClassPrompts, class_prompts
 from scripts.synthetic import box_for_mask
 
@@ -52,42 +59,38 @@ class Example:
     prompts: ClassPrompts
 
 
-def make_input(predictor: Predictor, image: torch.Tensor, prompts: ClassPrompts,
+class ModelNeeded(Exception):
+    """The example needs a network prediction and no predictor was given."""
+
+
+def make_input(card: ModelCard, image: torch.Tensor, prompts: ClassPrompts,
                prev_k: Optional[torch.Tensor], crop: Crop) -> torch.Tensor:
     """The network input ``Predictor.forward`` builds for one class on ``crop``, without its batch
-    axis: (C, *patch) float32 (``Predictor.make_input``: one place for both)."""
-    return predictor.make_input(image, prompts, prev_k, crop)[0]
+    axis: (C, *patch) float32 (``infer.predictor.network_input``: one place for both)."""
+    return network_input(image, prompts, prev_k, crop, card, image.device)[0]
 
 
-def first_view(predictor: Predictor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor]):
-    """(centre, zoom) of the first crop ``Predictor.predict_class`` takes for these prompts."""
-    return predictor.initial_view(prompts, prev_k)
+def first_view(policy: Policy, patch, prompts: ClassPrompts, prev_k: Optional[torch.Tensor]):
+    """(centre, zoom) of the first crop the predictor takes for these prompts."""
+    prev_box = bbox_of(prev_k) if prev_k is not None and prompts.clicks else None
+    return initial_view(policy, prompts, prev_box, patch)
 
 
-def training_crop(predictor: Predictor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
+def training_crop(policy: Policy, patch, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                   zoom_steps: int = 0) -> Crop:
-    """The predictor's first crop, or (``zoom_steps`` > 0) the crop its autozoom reaches after
-    that many x1.5 steps (same centre, zoom capped at ``predictor.max_zoom``)."""
-    center, zoom = first_view(predictor, prompts, prev_k)
-    crop = make_crop(center, zoom, predictor.patch)
-    for _ in range(zoom_steps):
-        crop = make_crop(center, min(max(crop.scale) * 1.5, predictor.max_zoom), predictor.patch)
-    return crop
+    """The predictor's first crop, or (``zoom_steps`` > 0) the crop it reaches after that many
+    zoom-out steps (``infer.policy.view_crop``)."""
+    center, zoom = first_view(policy, patch, prompts, prev_k)
+    return view_crop(policy, center, zoom, patch, zoom_steps)
 
 
-def refine_tile(mask: np.ndarray, patch, rng: np.random.Generator) -> Crop:
-    """A zoom-1 crop of ``patch`` voxels at a uniformly random position that overlaps the bounding
-    box of ``mask`` ((D, H, W) bool, non-empty) the way ``Predictor.refine_region``'s tiles do:
-    along each axis, inside the box when the box is longer than the patch, centred on it
-    otherwise."""
+def refine_tile(policy: Policy, mask: np.ndarray, patch, rng: np.random.Generator) -> Crop:
+    """A zoom-1 crop of ``patch`` voxels over the coarse prediction ``mask`` ((D, H, W) bool,
+    non-empty), drawn by ``infer.policy.sample_tile`` over its bounding box."""
     nz = np.nonzero(mask)
-    lo = [int(v.min()) for v in nz]
-    hi = [int(v.max()) + 1 for v in nz]
-    start = []
-    for a in range(3):
-        ext, p = hi[a] - lo[a], int(patch[a])
-        start.append(lo[a] + (int(rng.integers(0, ext - p + 1)) if ext > p else (ext - p) // 2))
-    return Crop(lo=tuple(start), size=tuple(int(p) for p in patch), patch=tuple(int(p) for p in patch))
+    box = (tuple(int(v.min()) for v in nz), tuple(int(v.max()) + 1 for v in nz))
+    p = tuple(int(v) for v in patch)
+    return Crop(lo=sample_tile(policy, box, p, rng), size=p, patch=p)
 
 
 def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickState]) -> dict:
@@ -101,37 +104,44 @@ def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickSta
     return case
 
 
-def predict_volume(predictor: Predictor, image: torch.Tensor, prompts: ClassPrompts,
+def predict_volume(predictor: Optional[Predictor], image: torch.Tensor, prompts: ClassPrompts,
                    prev_k: Optional[torch.Tensor], autozoom: bool = True) -> np.ndarray:
     """The predictor's binary prediction of one class over the whole volume, (D, H, W) bool
-    (``autozoom=False``: the first crop only, no zooming out and no full-resolution refinement)."""
+    (``autozoom=False``: its policy without zooming out and without refinement: the first crop
+    only). Raises :class:`ModelNeeded` without a predictor."""
+    if predictor is None:
+        raise ModelNeeded
     shape = tuple(image.shape)
     pred = np.zeros(shape, dtype=bool)
-    was_training, was_zooming = predictor.network.training, predictor.autozoom
-    was_refining = getattr(predictor, "refine", False)
+    policy = predictor.policy if autozoom else predictor.policy.replace(zoom_out="none", refine="none")
+    was_training = predictor.network.training
     predictor.network.eval()
-    predictor.autozoom = was_zooming and autozoom
-    if hasattr(predictor, "refine"):
-        predictor.refine = was_refining and autozoom
     try:
         with torch.no_grad():
-            region = predictor.predict_class(image, prompts, prev_k)
+            region = predictor.predict_class(image, prompts, prev_k, policy=policy)
     finally:
         predictor.network.train(was_training)
-        predictor.autozoom = was_zooming
-        if hasattr(predictor, "refine"):
-            predictor.refine = was_refining
     if region is not None:
-        prob, lo, hi = region
-        pred[tuple(slice(l, h) for l, h in zip(lo, hi))] = (prob > 0.5).cpu().numpy()
+        vals, lo, hi = region
+        vals = vals.clone()
+        sl = tuple(slice(l, h) for l, h in zip(lo, hi))
+        # NaN: voxels the policy left to the previous mask (none here: prev_k is not given)
+        keep = torch.isnan(vals)
+        if prev_k is not None and bool(keep.any()):
+            vals[keep] = prev_k[sl][keep].float()
+        pred[sl] = (vals > 0.5).cpu().numpy()
     return pred
 
 
-def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
-                     p_box: float = 0.5, p_second: float = 0.5,
+def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.ndarray,
+                     rng: np.random.Generator, p_box: float = 0.5, p_second: float = 0.5,
                      image: Optional[torch.Tensor] = None, autozoom: bool = True,
-                     p_zoom_out: float = 0.0, p_refine: float = 0.0) -> Example:
+                     p_zoom_out: float = 0.0, p_refine: float = 0.0,
+                     card: Optional[ModelCard] = None, policy: Optional[Policy] = None) -> Example:
     """One training example for the binary object ``gt`` ((D, H, W) bool, non-empty) of ``imgs``.
+
+    ``predictor``: runs the network for the second step and refinement examples; None: build the
+    example without a network (``card`` and ``policy`` given) or raise :class:`ModelNeeded`.
 
     ``image``: ``infer.predictor.normalize_image(imgs)`` when the caller already has it.
     ``autozoom``: let the no-grad first prediction zoom out as the predictor does (default).
@@ -141,11 +151,15 @@ def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng
     Random draws, in this order: box or click (``p_box``), box jitter (box only), second step
     (``p_second``), zoom-out (``p_zoom_out``, then the number of steps).
     """
-    dev = predictor.device
+    card = card if card is not None else predictor.card
+    policy = policy if policy is not None else predictor.policy
+    patch = tuple(int(p) for p in card.patch_size)
+    dev = predictor.device if predictor is not None else torch.device("cpu")
     if image is None:
         from infer.predictor import normalize_image
         image = normalize_image(imgs, dev)
-    style = predictor.card.box_style
+    dev = image.device
+    style = card.box_style
     if rng.random() < p_box:
         first, box, state = "box", box_for_mask(gt, rng), None
     else:
@@ -157,11 +171,11 @@ def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng
     u = rng.random()
     crop = None
     if p_second <= u < p_second + p_refine:
-        center, zoom = first_view(predictor, prompts, None)
+        center, zoom = first_view(policy, patch, prompts, None)
         if zoom > 1 + 1e-6:
             pred = predict_volume(predictor, image, prompts, None, autozoom=False)
             if pred.any():
-                crop = refine_tile(pred, predictor.patch, rng)
+                crop = refine_tile(policy, pred, patch, rng)
                 prev_k = torch.from_numpy(pred).to(dev)
                 first_pred = pred
     if u < p_second:
@@ -175,8 +189,8 @@ def simulate_example(predictor: Predictor, imgs: np.ndarray, gt: np.ndarray, rng
             prev_k = torch.from_numpy(pred).to(dev)
     if crop is None:
         steps = int(rng.integers(1, 3)) if rng.random() < p_zoom_out else 0
-        crop = training_crop(predictor, prompts, prev_k, steps)
+        crop = training_crop(policy, patch, prompts, prev_k, steps)
     with torch.no_grad():
-        x = make_input(predictor, image, prompts, prev_k, crop)
+        x = make_input(card, image, prompts, prev_k, crop)
         target = (crop_to_patch(torch.from_numpy(gt).to(dev), crop) > 0.5).float()
     return Example(x, target, first, click, first_pred, crop, prompts)
