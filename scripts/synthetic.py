@@ -39,6 +39,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,7 @@ def main(argv=None):
         knobs, given = varied.knobs_from_args(a, a.shape)
     except ValueError as e:
         p.error(str(e))
+    t0 = time.perf_counter()
     if a.family == "classic":
         if given:
             p.error(f"--{given[0].replace('_', '-')} is a knob of the varied family (--family varied)")
@@ -342,7 +344,9 @@ def main(argv=None):
     else:
         names = varied.write_dataset(a.out, a.n, seed=a.seed, layout=a.layout, knobs=knobs,
                                      no_box_every=a.no_box_every)
-    print(f"wrote {len(names)} {a.family} cases to {a.out} ({a.layout} layout)")
+    dt = time.perf_counter() - t0
+    print(f"wrote {len(names)} {a.family} cases to {a.out} ({a.layout} layout) in {dt:.1f} s "
+          f"({len(names) / max(dt, 1e-9):.2f} cases/s)")
     return 0
 
 if __name__ == "__main__":

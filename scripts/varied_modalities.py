@@ -11,7 +11,7 @@ contrast, smaller = harder) and ``noise`` (multiplier of the noise level), and r
 - ``MR``: tissue values in arbitrary units times a bias field made of a random quadratic
   polynomial and the fall-off of a surface coil outside the volume, additive noise, scaled by the
   maximum of the smoothed image;
-- ``PET``: uptake values (labelled lesions mostly hot), Gaussian blur of 4-9 mm FWHM, Poisson
+- ``PET``: uptake values (labelled lesions mostly hot, thin structures always), Gaussian blur of 4-9 mm FWHM, Poisson
   counting noise, scaled by a high percentile;
 - ``US``: echogenicity (hypo- or hyper-echoic objects), depth attenuation, correlated Rayleigh
   speckle, inside a fan-shaped field of view (zero outside: the caller cuts labels there too);
@@ -121,6 +121,10 @@ def pet(rng, gts, body, extra, spacing, contrast=1.0, noise=1.0):
     _paint(rng, u, extra, bg * rng.uniform(1.5, 10.0, M), 0.1 * bg)
     hot = rng.random(K) < 0.8
     ratio = np.where(hot, rng.uniform(2.0, 8.0, K), rng.uniform(0.2, 0.6, K))
+    for k in range(K):  # thin classes (mostly gone after one erosion) would vanish in the blur
+        m = gts == k + 1
+        if ndimage.binary_erosion(m).sum() < 0.3 * m.sum():
+            ratio[k] = max(ratio[k], 4.0) if hot[k] else float(rng.uniform(4.0, 10.0))
     ratio = 1.0 + (ratio - 1.0) * contrast
     _paint(rng, u, gts, bg * ratio, 0.15 * bg)
     fwhm = float(rng.uniform(4.0, 9.0))
