@@ -13,8 +13,9 @@ contrast, smaller = harder) and ``noise`` (multiplier of the noise level), and r
   maximum of the smoothed image;
 - ``PET``: uptake values (labelled lesions mostly hot, thin structures always), Gaussian blur of 4-9 mm FWHM, Poisson
   counting noise, scaled by a high percentile;
-- ``US``: echogenicity (hypo- or hyper-echoic objects), depth attenuation, correlated Rayleigh
-  speckle, inside a fan-shaped field of view (zero outside: the caller cuts labels there too);
+- ``US``: echogenicity (objects 4-20 dB hypo- or hyper-echoic), depth attenuation, correlated
+  Rayleigh speckle, log compression to a 35-55 dB dynamic range, inside a fan-shaped field of view
+  (zero outside: the caller cuts labels there too);
 - ``Microscopy``: bright objects on a dark background, an axially elongated point-spread
   function, Poisson and read noise.
 
@@ -150,11 +151,11 @@ def fan(rng, shape):
 
 def us(rng, gts, body, extra, spacing, contrast=1.0, noise=1.0, fov=None):
     shape, K, M = gts.shape, int(gts.max()), int(extra.max())
-    base = float(rng.uniform(0.35, 0.6))
-    e = np.full(shape, base, dtype=np.float32)
-    e *= 1.0 + 0.25 * texture(rng, shape)
-    _paint(rng, e, extra, np.clip(base + _signed(rng, 0.15, 0.4, M, 0.4) * contrast, 0.03, None), 0.05)
-    _paint(rng, e, gts, np.clip(base + _signed(rng, 0.2, 0.45, K, 0.4) * contrast, 0.03, None), 0.06)
+    e = np.ones(shape, dtype=np.float32)
+    e *= 1.0 + 0.3 * texture(rng, shape)
+    # echogenicity relative to the background, in dB: hypo-echoic (down to cyst-like) or hyper
+    _paint(rng, e, extra, 10 ** (_signed(rng, 3, 15, M, 0.4) * contrast / 20), 0.1)
+    _paint(rng, e, gts, 10 ** (_signed(rng, 4, 20, K, 0.4) * contrast / 20), 0.1)
     depth = (np.arange(shape[1], dtype=np.float32) * float(spacing[1]))[None, :, None]
     e *= np.exp(-float(rng.uniform(0.002, 0.012)) * depth)  # attenuation along y (depth)
     sig = (float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.4, 1.2)), float(rng.uniform(0.8, 2.0)))
@@ -162,8 +163,9 @@ def us(rng, gts, body, extra, spacing, contrast=1.0, noise=1.0, fov=None):
     im = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sig)
     speckle = np.hypot(re, im)
     speckle /= max(float(speckle.mean()), 1e-6)
-    img = e * speckle ** min(1.0, 0.6 * noise + 0.2)
-    img = img / max(float(np.percentile(img, 99.5)), 1e-6) * 220.0
+    db = 20 * np.log10(np.clip(e, 1e-3, None) * np.clip(speckle, 1e-3, None) ** min(1.0, 0.6 * noise + 0.2))
+    top, dyn = float(np.percentile(db, 99.5)), float(rng.uniform(35, 55))  # log compression
+    img = (db - (top - dyn)) / dyn * 230.0
     if fov is not None:
         img = img * fov
     return _to_uint8(img)
