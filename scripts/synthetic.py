@@ -27,7 +27,11 @@ uniformly from 0..5 per class, clipped to the image.
 
 Everything is deterministic in ``(seed, case index)``.
 
+``--family varied`` writes the varied training family of ``scripts/varied.py`` instead (more
+shapes, touching classes, five intensity models; its knobs are flags of the same command).
+
     python -m scripts.synthetic --out DIR --n 40 --seed 0 [--layout train|val] [--shape 64 96 96]
+    python -m scripts.synthetic --family varied --out DIR --n 500 --seed 1 [--noise 1.5 ...]
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ import argparse
 import os
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -307,23 +312,42 @@ def write_dataset(out, n, seed=0, layout="train", shape=(64, 96, 96), no_box_eve
 
 
 def main(argv=None):
+    from scripts import varied  # the varied family builds on this module's helpers
+
     p = argparse.ArgumentParser(prog="python -m scripts.synthetic", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=20, help="number of cases")
     p.add_argument("--seed", type=int, default=0, help="seed of the whole set (case i is the same for any --n)")
+    p.add_argument("--family", choices=("classic", "varied"), default="classic",
+                   help="classic: this module's CT-like cases; varied: scripts/varied.py (organs, "
+                        "touching and nested classes, large objects, branching trees; CT, MR, PET, "
+                        "US, microscopy intensities)")
     p.add_argument("--layout", choices=("train", "val"), default="train",
                    help="train: one npz per case with imgs, gts, spacing; val: images/ (with boxes) and gts/")
     p.add_argument("--shape", type=int, nargs=3, default=(64, 96, 96), metavar=("D", "H", "W"),
-                   help="volume shape z y x")
+                   help="volume shape z y x (varied family: before its size jitter)")
     p.add_argument("--no-box-every", type=int, default=0,
                    help="val layout: every N-th case has no boxes (0 = none)")
+    varied.add_knob_arguments(p)
     a = p.parse_args(argv)
-    names = write_dataset(a.out, a.n, seed=a.seed, layout=a.layout, shape=tuple(a.shape),
-                          no_box_every=a.no_box_every)
-    print(f"wrote {len(names)} cases to {a.out} ({a.layout} layout)")
+    try:
+        knobs, given = varied.knobs_from_args(a, a.shape)
+    except ValueError as e:
+        p.error(str(e))
+    t0 = time.perf_counter()
+    if a.family == "classic":
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} is a knob of the varied family (--family varied)")
+        names = write_dataset(a.out, a.n, seed=a.seed, layout=a.layout, shape=tuple(a.shape),
+                              no_box_every=a.no_box_every)
+    else:
+        names = varied.write_dataset(a.out, a.n, seed=a.seed, layout=a.layout, knobs=knobs,
+                                     no_box_every=a.no_box_every)
+    dt = time.perf_counter() - t0
+    print(f"wrote {len(names)} {a.family} cases to {a.out} ({a.layout} layout) in {dt:.1f} s "
+          f"({len(names) / max(dt, 1e-9):.2f} cases/s)")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
