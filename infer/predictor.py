@@ -360,7 +360,8 @@ class Predictor:
         """The network input for ``crop``: (1, C, *patch) float32 = the resampled image, then the
         prompt channels the model card names, in its order (training builds its inputs here too)."""
         img = crop_to_patch(image, crop)
-        chans = encode(prompts, crop, prev_k, int(round(self.card.click_radius)), self.card.prompt_decay, self.device)
+        chans = encode(prompts, crop, prev_k, int(round(self.card.click_radius)), self.card.prompt_decay, self.device,
+                       shape=image.shape[-3:])
         if self.prompt_index != list(range(len(CHANNELS))):
             chans = chans[self.prompt_index]
         return torch.cat([img[None], chans], 0)[None]
