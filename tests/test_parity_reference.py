@@ -79,7 +79,9 @@ def run_reference(version: str, model: Path, imgs: np.ndarray, prev, classes: li
     assert proc.returncode == 0, proc.stderr[-4000:]
     with np.load(out, allow_pickle=False) as z:
         res = {k: z[k] for k in z.files}
-    return res, json.loads(Path(str(out) + ".json").read_text())
+    meta = json.loads(Path(str(out) + ".json").read_text())
+    print(f"reference {version} {tag}: {meta['seconds']}")
+    return res, meta
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -150,14 +152,14 @@ def model(tmp_path_factory):
     return folder, Predictor(net, card, torch.device("cpu"))
 
 
-def _ref_classes(setup, off, zooms=ZOOMS, probes=True):
+def _ref_classes(setup, off, zooms=ZOOMS, probes=True, predict=True):
     classes = []
     for s in setup:
         classes.append({"label": s["label"], "box": [[l, h] for l, h in zip(*s["box"])],
                         "clicks": [[fg, list(p)] for fg, p in s["clicks"]],
                         "probes": [[[v - o for v, o in zip(c, off)], z] for c in s["probes"] for z in zooms]
                         if probes else [],
-                        "predict": True})
+                        "predict": predict})
     return classes
 
 
@@ -198,7 +200,7 @@ def test_network_input_and_logits_match_reference_at_every_zoom(kind, model, tmp
     folder, pred = model
     imgs, gts, prev, off = make_volume(kind)
     setup = class_setup(kind, gts, off)
-    res, meta = run_reference("1.1.5", folder, imgs, prev, _ref_classes(setup, off), tmp_path, kind)
+    res, meta = run_reference("1.1.5", folder, imgs, prev, _ref_classes(setup, off, predict=False), tmp_path, kind)
     for c, s in enumerate(setup):
         assert [b[0] for b in meta["classes"][c]["crop_bbox"]] == list(off)  # its non-zero crop
         i = 0
@@ -230,7 +232,8 @@ def test_point_dilation_zoomed_out_matches_reference(model, tmp_path):
         ref = torch.from_numpy(res[f"probe0_{i}_input"])
         for ch in (4, 5):
             assert float(ref[ch].sum()) > 0
-            assert abs(float(x[ch].sum()) / float(ref[ch].sum()) - 1) < 1e-3, (zoom, ch)
+            # float16 weights and sums on the reference side: 0.1 % apart; per-ball dilation: 30-50 %
+            assert abs(float(x[ch].sum()) / float(ref[ch].sum()) - 1) < 5e-3, (zoom, ch)
             assert float((x[ch] - ref[ch]).abs().max()) <= PROMPT_ATOL, (zoom, ch)
 
 
@@ -250,9 +253,10 @@ def test_challenge_flow_first_pass_matches(version, model, tmp_path):
         center = [v + o for v, o in zip(info["center"], off)]
         if s["clicks"]:
             assert tuple(center) == tuple(s["clicks"][-1][1]) and info["zoom"] == 1
-        else:  # round((lo + hi) / 2) half to even; zoom max(1, (size + patch // 3) / patch)
+        else:  # round((lo + hi) / 2) half to even, in the session's non-zero-cropped coordinates
+            # (so the offset's parity matters); zoom max(1, (size + patch // 3) / patch)
             lo, hi = s["box"]
-            assert center == [round((l + h) / 2) for l, h in zip(lo, hi)]
+            assert center == [round((l + h - 2 * o) / 2) + o for l, h, o in zip(lo, hi, off)]
             assert info["zoom"] == max(1, max((h - l + p // 3) / p for l, h, p in zip(lo, hi, PATCH)))
         assert info["n_calls"] >= 1
         _, x, logits = _ours(pred, imgs, prev, s, center, info["zoom"])

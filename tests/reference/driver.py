@@ -23,21 +23,24 @@ predicts. Written to ``out`` (plain arrays only): ``probe{c}_{i}_input`` (8, *pa
 ``probe{c}_{i}_logits`` (2, *patch), ``flow{c}_{j}_input`` / ``_logits`` for every network call of
 the prediction, ``mask{c}`` (the target buffer after class c, uint8) and ``result`` (the labels
 pasted class after class); ``out`` + ``.json``: the non-zero crop, the queued centre and zoom of
-each prediction and each probe's crop box.
+each prediction, each probe's crop box, and seconds spent.
 """
 import json
 import sys
+import time
 
 import numpy as np
 import torch
 
 
 def main(job_path):
+    t0 = time.perf_counter()
     job = json.load(open(job_path))
     np.random.seed(job.get("seed", 0))
     torch.manual_seed(job.get("seed", 0))
     from nnInteractive.inference.inference_session import nnInteractiveInferenceSession
 
+    t_import = time.perf_counter() - t0
     session = nnInteractiveInferenceSession(device=torch.device("cpu"), use_torch_compile=False,
                                             verbose=False, torch_n_threads=1, do_autozoom=True,
                                             use_pinned_memory=False)
@@ -52,7 +55,7 @@ def main(job_path):
     calls = []
     session.network.register_forward_hook(
         lambda m, i, o: calls.append((i[0][0].detach().float().numpy().copy(), o[0].detach().float().numpy().copy())))
-    arrays, meta = {}, {"classes": []}
+    arrays, meta = {}, {"classes": [], "seconds": {"import": t_import, "probes": 0.0, "predict": 0.0}}
     result = np.zeros(image.shape, np.uint8)
     for c, cls in enumerate(job["classes"]):
         k = cls["label"]
@@ -66,6 +69,7 @@ def main(job_path):
             session.add_point_interaction(tuple(int(v) for v in p), include_interaction=bool(fg),
                                           run_prediction=False)
         info = {"crop_bbox": session.preprocessed_props["bbox_used_for_cropping"], "probes": []}
+        t1 = time.perf_counter()
         for i, (center, zoom) in enumerate(cls.get("probes", [])):
             with torch.inference_mode():
                 x, scaled_patch, scaled_bbox = session._build_network_input([int(v) for v in center], zoom)
@@ -74,6 +78,8 @@ def main(job_path):
             arrays[f"probe{c}_{i}_input"] = x.float().numpy()
             arrays[f"probe{c}_{i}_logits"] = y.float().numpy()
             info["probes"].append({"scaled_bbox": [list(map(int, b)) for b in scaled_bbox]})
+        meta["seconds"]["probes"] += time.perf_counter() - t1
+        t1 = time.perf_counter()
         if cls.get("predict", True) and session.new_interaction_centers:
             session.new_interaction_centers = [session.new_interaction_centers[-1]]
             session.new_interaction_zoom_out_factors = [session.new_interaction_zoom_out_factors[-1]]
@@ -87,7 +93,9 @@ def main(job_path):
             info["n_calls"] = len(calls)
             arrays[f"mask{c}"] = target.numpy().copy()
             result[target.numpy() > 0] = k
+        meta["seconds"]["predict"] += time.perf_counter() - t1
         meta["classes"].append(info)
+    meta["seconds"]["total"] = time.perf_counter() - t0
     arrays["result"] = result
     np.savez(job["out"], **arrays)
     json.dump(meta, open(job["out"] + ".json", "w"))
