@@ -160,13 +160,19 @@ def _unique_clicks(clicks: Sequence[Tuple[bool, Vec3]], decay: float) -> Tuple[t
     copies combine by maximum in nnInteractive's channels, so the newest copy's weight is kept."""
     n = len(clicks)
     pos = torch.tensor([bool(c[0]) for c in clicks], dtype=torch.bool)
-    pts = torch.tensor([tuple(int(v) for v in c[1]) for c in clicks], dtype=torch.int64).reshape(n, 3)
+    pts = torch.tensor([c[1] for c in clicks], dtype=torch.int64).reshape(n, 3)
     age = torch.arange(n - 1, -1, -1, dtype=torch.int64)
-    key = torch.cat([pos[:, None].long(), pts], 1)
-    uniq, inv = torch.unique(key, dim=0, return_inverse=True)
+    # one int64 key per (polarity, point): 20 bits per coordinate (clicks lie inside the volume)
+    shifted = pts - pts.min(0).values
+    if bool((shifted >= 1 << 20).any()):
+        raise ValueError("click coordinates span more than 2**20 voxels")
+    key = ((pos.long() << 60) | (shifted[:, 0] << 40) | (shifted[:, 1] << 20) | shifted[:, 2])
+    uniq, inv = torch.unique(key, return_inverse=True)
     newest = torch.full((uniq.shape[0],), n, dtype=torch.int64).scatter_reduce(0, inv, age, "amin")
     weight = torch.pow(torch.tensor(float(decay), dtype=torch.float64), newest.double()).float()
-    return uniq[:, 0].bool(), uniq[:, 1:], weight
+    first = torch.full((uniq.shape[0],), n, dtype=torch.int64).scatter_reduce(
+        0, inv, torch.arange(n, dtype=torch.int64), "amin")  # any row of each group
+    return pos[first], pts[first], weight
 
 
 def _area_range(t: torch.Tensor, axis: int, n_in: int, n_out: int, o0: int, o1: int, start: int) -> torch.Tensor:
