@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ("build.sh", "predict.sh", "scripts/ci_docker.sh")
+SCRIPTS = ("build.sh", "predict.sh", "scripts/ci_docker.sh", "scripts/setup_reference_venv.sh")
 
 
 def _tool(name):
