@@ -15,7 +15,6 @@ Conventions
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence, Tuple
 
@@ -49,10 +48,12 @@ class Crop:
 
 
 def make_crop(center: Sequence[float], zoom: float, patch: Sequence[int]) -> Crop:
-    """Crop of ``round(patch * zoom)`` voxels per axis centred (as closely as integers allow) on
-    ``center`` (volume coordinates, float allowed)."""
+    """Crop of ``round(patch * zoom)`` voxels per axis around ``center`` (volume coordinates, float
+    allowed), as nnInteractive places it: the centre is rounded to a voxel ``c`` with Python's
+    ``round`` (half to even), then the crop spans ``[c - s // 2, c + s // 2 + s % 2)``; for an even
+    size ``s`` the voxel ``c`` is the first of the two middle ones' upper half (``lo + s / 2``)."""
     size = tuple(max(1, int(round(p * zoom))) for p in patch)
-    lo = tuple(int(math.floor(c - (s - 1) / 2.0 + 0.5)) for c, s in zip(center, size))
+    lo = tuple(int(round(c)) - s // 2 for c, s in zip(center, size))
     return Crop(lo=lo, size=size, patch=tuple(int(p) for p in patch))  # type: ignore[arg-type]
 
 

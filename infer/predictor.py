@@ -126,7 +126,8 @@ def network_input(image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[t
     prompt channels ``card`` names, in its order. ``box_mask``: (D, H, W) mask that the box+
     channel is restricted to (pseudo-lasso), or None. Training builds its inputs here too."""
     img = crop_to_patch(image, crop)
-    chans = encode(prompts, crop, prev_k, int(round(card.click_radius)), card.prompt_decay, device)
+    chans = encode(prompts, crop, prev_k, int(round(card.click_radius)), card.prompt_decay, device,
+                   shape=image.shape[-3:])
     if box_mask is not None:
         chans[CHANNELS.index("box+")] = lasso(chans[CHANNELS.index("box+")], crop_to_patch(box_mask, crop))
     index = [CHANNELS.index(c) for c in card.channels[1:]]

@@ -18,12 +18,24 @@ def _explicit_crop(vol, crop, pad=0.0):
 
 def test_make_crop_hand_values():
     c = make_crop((10, 20, 30), 1.0, (8, 8, 8))
-    # 8 voxels centred on 10: [6.5 .. 13.5] -> integer start 7 (centre of [7, 15) is 10.5) or 6;
-    # we place the centre at lo + (size-1)/2 rounded: lo = floor(10 - 3.5 + 0.5) = 7
-    assert c.lo == (7, 17, 27) and c.size == (8, 8, 8) and c.hi == (15, 25, 35)
+    # nnInteractive's convention: [c - s//2, c + s//2 + s%2) = [10 - 4, 10 + 4): the centre voxel
+    # is the upper of the two middle ones
+    assert c.lo == (6, 16, 26) and c.size == (8, 8, 8) and c.hi == (14, 24, 34)
     c2 = make_crop((10, 10, 10), 2.0, (4, 6, 8))
-    assert c2.size == (8, 12, 16)
+    assert c2.size == (8, 12, 16) and c2.lo == (6, 4, 2)
     assert c2.scale == (2.0, 2.0, 2.0)
+    # odd size: symmetric, [c - s//2, c + s//2 + 1)
+    c3 = make_crop((10, 20, 30), 1.0, (7, 9, 5))
+    assert c3.lo == (7, 16, 28) and c3.hi == (14, 25, 33)
+    # zoom 1.5 on patch 5 -> round(7.5) = 8 (half to even), lo = 10 - 4
+    assert make_crop((10, 10, 10), 1.5, (5, 5, 5)).size == (8, 8, 8)
+    assert make_crop((10, 10, 10), 1.5, (5, 5, 5)).lo == (6, 6, 6)
+
+
+def test_make_crop_rounds_float_centres_half_to_even():
+    # nnInteractive's box centre is round((lo + hi) / 2): 12.5 -> 12, 13.5 -> 14, 12.6 -> 13
+    assert make_crop((12.5, 13.5, 12.6), 1.0, (4, 4, 4)).lo == (10, 12, 11)
+    assert make_crop((12.5, 13.5, 12.6), 1.0, (5, 5, 5)).lo == (10, 12, 11)
 
 
 def test_zoom_for_extent():

@@ -157,10 +157,10 @@ def test_autozoom_zooms_out_when_the_prediction_touches_the_crop_border():
     shape = (200, 200, 200)
     c = case_with(shape=shape, clicks=[{"fg": [[100, 100, 100]], "bg": []}], clicks_order=[["fg"]])
     segs = Predictor(Everything(), card(), "cpu", autozoom=True, max_zoom=4.0).predict(c)
-    # zoom 1 -> 1.5 -> 2.25 -> 3.375 -> 4 (max): crop of 128 voxels centred on the click, the
-    # even size putting the extra voxel above: [100 - 63, 100 + 64]
+    # zoom 1 -> 1.5 -> 2.25 -> 3.375 -> 4 (max): crop of 128 voxels around the click, as
+    # nnInteractive places it: [100 - 128 // 2, 100 + 128 // 2) = [36, 164)
     fg = np.argwhere(segs == 1)
-    assert fg.min(0).tolist() == [37, 37, 37] and fg.max(0).tolist() == [164, 164, 164]
+    assert fg.min(0).tolist() == [36, 36, 36] and fg.max(0).tolist() == [163, 163, 163]
     segs1 = Predictor(Everything(), card(), "cpu", autozoom=False).predict(c)
     assert (segs1 == 1).sum() == 32 ** 3
 
