@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -26,7 +27,8 @@ import torch
 
 from .card import ModelCard
 from .geometry import Crop, bbox_of, crop_to_patch, make_crop, patch_to_region, touches_border, zoom_for_extent
-from .prompts import CHANNELS, ClassPrompts, class_prompts, encode, num_classes
+from .io import label_dtype
+from .prompts import CHANNELS, ClassPrompts, class_prompts, clicks_drawn, encode, num_classes
 
 log = logging.getLogger("infer")
 
@@ -46,7 +48,7 @@ def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     """(D, H, W) any numeric dtype -> float32 on ``device``, z-scored with mean and (unbiased)
     std over the bounding box of the non-zero voxels, 0 outside that box (nnInteractive v1.0).
     NaN and inf become 0 first; a constant box gets std 1."""
-    img = torch.from_numpy(np.ascontiguousarray(imgs)).to(device)
+    img = torch.from_numpy(np.ascontiguousarray(_within_float32(imgs))).to(device)
     if img.dtype == torch.bool:
         img = img.to(torch.uint8)
     is_float = img.is_floating_point()
@@ -64,6 +66,19 @@ def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     out = torch.zeros_like(img)
     out[z0:z1, y0:y1, x0:x1] = (inner - float(mean)) / float(std)
     return out
+
+
+def _within_float32(imgs: np.ndarray) -> np.ndarray:
+    """A float64 volume whose finite values exceed float32's range, divided by a power of two
+    that brings them within it (z-scoring is scale-free), so that casting does not make them
+    inf (and then 0); any other volume unchanged."""
+    if imgs.dtype != np.float64 or imgs.size == 0:
+        return imgs
+    finite = np.isfinite(imgs)
+    top = float(np.abs(imgs, where=finite, out=np.zeros_like(imgs)).max())
+    if top <= float(np.finfo(np.float32).max) / 2:
+        return imgs
+    return imgs / 2.0 ** (math.frexp(top)[1] - 64)
 
 
 class _Merge:
@@ -86,8 +101,7 @@ class _Merge:
 
     def result(self, k: int) -> np.ndarray:
         lab = torch.where(self.best > self.bg, self.label, torch.zeros_like(self.label))
-        dtype = np.uint8 if k <= 255 else np.uint16
-        return lab.cpu().numpy().astype(dtype, copy=False)
+        return lab.cpu().numpy().astype(label_dtype(k), copy=False)
 
 
 class Predictor:
@@ -113,6 +127,8 @@ class Predictor:
         self.prompt_index = [CHANNELS.index(c) for c in card.channels[1:]]
         self.forward_s = 0.0  # duration of the last forward pass (the ``clock`` given to predict)
         self.cpu_fallback = self.device.type != "cpu"  # retry out-of-memory classes on the CPU
+        self.encode_rate: Optional[float] = None  # seconds per drawn click (perf_counter)
+        self.encode_n = 0  # clicks drawn in the last pass (its cost is part of forward_s)
 
     @classmethod
     def from_path(cls, path, device: Optional[str] = None, **kw) -> "Predictor":
@@ -164,9 +180,9 @@ class Predictor:
                 prev_k = (prev_t == k) if prev_t is not None else None
                 pbox = bbox_of(prev_k) if prev_k is not None else None
                 try:
-                    if not self._fits(deadline, clock):
-                        raise TimeoutError("time budget spent: keeping the previous mask")
                     prompts = class_prompts(case, k, self.card.box_style)
+                    if not self._fits(deadline, clock, prompts):
+                        raise TimeoutError("time budget spent: keeping the previous mask")
                     region = self._predict_class_guarded(image, prompts, prev_k, deadline, clock, name, k, pbox)
                 except Exception as exc:  # one class never stops the others
                     log.error("%s: class %d: %s: %s", name, k, type(exc).__name__, _first_line(exc))
@@ -175,9 +191,29 @@ class Predictor:
             return merge.result(k_total)
 
     # ------------------------------------------------------------------ guards
-    def _fits(self, deadline: Optional[float], clock: Callable[[], float]) -> bool:
-        """Whether one more forward pass (as long as the last one) ends before ``deadline``."""
-        return deadline is None or clock() + self.forward_s <= deadline
+    def _fits(self, deadline: Optional[float], clock: Callable[[], float],
+              prompts: Optional[ClassPrompts] = None) -> bool:
+        """Whether one more forward pass (as long as the last one, with the prompt drawing
+        scaled to ``prompts``' clicks) ends before ``deadline``."""
+        return deadline is None or clock() + self.forward_s + self._drawing_extra(prompts) <= deadline
+
+    def _drawing_extra(self, prompts: Optional[ClassPrompts]) -> float:
+        """Seconds that drawing ``prompts``' clicks costs beyond the drawing in the last pass
+        (negative when it has fewer clicks). Drawing grows with the clicks (one ball each), so a
+        class with 60 000 clicks must not be timed like one with 3. The rate per click comes
+        from passes that drew at least 8 clicks; a class with more than 64 clicks and no rate
+        known yet first times the drawing of its 8 newest clicks."""
+        n = clicks_drawn(prompts) if prompts is not None else 0
+        if n > 64 and self.encode_rate is None:
+            sample = ClassPrompts(clicks=prompts.clicks[-8:])
+            crop = make_crop(list(prompts.clicks[-1][1]), 1.0, self.patch)
+            t = time.perf_counter()
+            encode(sample, crop, None, int(round(self.card.click_radius)), self.card.prompt_decay, self.device)
+            self._sync()
+            self.encode_rate = (time.perf_counter() - t) / 8
+        if self.encode_rate is None or prompts is None:
+            return 0.0
+        return self.encode_rate * (n - self.encode_n)
 
     def _predict_class_guarded(self, image, prompts, prev_k, deadline, clock, name, k, pbox=None) -> Optional[Region]:
         """``predict_class`` with the out-of-memory ladder: as planned, then at zoom 1 without
@@ -282,7 +318,7 @@ class Predictor:
         center, zoom = self.initial_view(prompts, prev_k, prev_box)
         crop = make_crop(center, min(zoom, max_zoom), self.patch)
         prob = None
-        while self._fits(deadline, clock):
+        while self._fits(deadline, clock, prompts):
             try:
                 t = clock()
                 new = self.forward(image, prompts, prev_k, crop)
@@ -338,7 +374,7 @@ class Predictor:
         coarse[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = vals > 0.5
         out = vals.clone()
         for t in tiles:
-            if not self._fits(deadline, clock):
+            if not self._fits(deadline, clock, prompts):
                 break
             crop = Crop(lo=tuple(t), size=self.patch, patch=self.patch)
             t0 = clock()
@@ -360,7 +396,12 @@ class Predictor:
         """The network input for ``crop``: (1, C, *patch) float32 = the resampled image, then the
         prompt channels the model card names, in its order (training builds its inputs here too)."""
         img = crop_to_patch(image, crop)
+        t = time.perf_counter()
         chans = encode(prompts, crop, prev_k, int(round(self.card.click_radius)), self.card.prompt_decay, self.device)
+        self.encode_n = clicks_drawn(prompts)
+        if self.encode_n >= 8:  # enough clicks that their cost dominates the fixed part
+            self._sync()
+            self.encode_rate = (time.perf_counter() - t) / self.encode_n
         if self.prompt_index != list(range(len(CHANNELS))):
             chans = chans[self.prompt_index]
         return torch.cat([img[None], chans], 0)[None]
