@@ -23,6 +23,7 @@ import os
 import pickle
 import secrets
 import stat
+from types import NoneType
 import zipfile
 import zlib
 
@@ -215,7 +216,14 @@ class _RestrictedUnpickler(pickle._Unpickler):
         self.items_left = int(max_items)
 
     def _charge(self):
-        self.items_left -= _weight(self.stack[-1], self.items_left)
+        obj = self.stack[-1]
+        kind = type(obj)
+        if kind is str or kind is bytes:  # dict keys ("fg", "z_min") are reused most
+            self.items_left -= 1 + len(obj) // 8
+        elif kind is NoneType or kind is bool or kind is float:
+            self.items_left -= 1
+        else:
+            self.items_left -= _weight(obj, self.items_left)
         if self.items_left < 0:
             raise CaseError(f"refused pickle: expands to more than {self.max_items} items "
                             f"(memoised objects reused)")

@@ -94,7 +94,10 @@ def chronological_clicks(clicks: dict, order: Optional[list], shape: Sequence[in
         for i, p in enumerate((clicks or {}).get(side, []) or []):
             if not isinstance(p, (list, tuple)) or len(p) != 3:
                 raise PromptError(f"{side} click {i}: expected [z, y, x]")
-            out.append(tuple(_plain_int(v, f"{side} click {i}") for v in p))
+            if type(p[0]) is int and type(p[1]) is int and type(p[2]) is int:  # as infer.io gives them
+                out.append(tuple(p))
+            else:
+                out.append(tuple(_plain_int(v, f"{side} click {i}") for v in p))
         return out
 
     fg, bg = points("fg"), points("bg")
