@@ -9,8 +9,8 @@ Layout of a run folder ``OUT``::
     OUT/final/                       the artifact (card + weights) of the last epoch, once done
 
 A checkpoint folder is filled under a temporary name and renamed into place, then ``latest`` is
-replaced (``os.replace``): an interrupted write leaves the previous checkpoint and ``latest``
-untouched. Every file is read back with ``torch.load(weights_only=True)``.
+replaced, both through ``infer.io.atomic_write``: an interrupted write leaves the previous
+checkpoint and ``latest`` untouched. Every file is read back with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
