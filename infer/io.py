@@ -516,9 +516,8 @@ def read_case(path, keys=None, limits: "Limits" = None) -> dict:
     and click coordinates (e.g. inside the volume) are not checked here.
     """
     limits = limits or Limits()
-    name = show(os.path.basename(os.fspath(path)), 300)
-    if name.startswith("'") and name.endswith("'"):
-        name = name[1:-1]
+    base = os.path.basename(os.fspath(path))
+    name = base if base.isprintable() else ascii(base)  # as python -m infer logs it
     try:
         f = _open_regular(path)
     except CaseError as exc:
@@ -528,7 +527,7 @@ def read_case(path, keys=None, limits: "Limits" = None) -> dict:
             zf = zipfile.ZipFile(f)
         except (OSError, zipfile.BadZipFile, ValueError, EOFError) as exc:
             raise CaseError(f"{name}: not a readable npz ({type(exc).__name__}: {_exc_text(exc)})") from None
-        case = {"name": os.path.basename(os.fspath(path)), "warnings": []}
+        case = {"name": base, "warnings": []}
         with zf:
             members = _members(zf)
             if "imgs" not in members:
