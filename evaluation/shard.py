@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .runner import REPO_ROOT, CaseResult
+from infer.io import atomic_write
 
 DONE_MARK = "@@evaluation-case-done "  # a worker's stdout line: one case finished
 _SKIP = ("clicks", "segs")  # CaseResult fields the report does not use
@@ -67,10 +68,9 @@ def write_shard(out, i: int, n: int, mode: str, cases: Sequence[str], results: L
     """``OUT/shards/shard-I-of-N.json``, written atomically (a file that exists is complete)."""
     path = shard_file(out, i, n)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"shard": i, "of": n, "mode": mode, "cases": list(cases),
-                               "results": [result_to_dict(r) for r in results]}))
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps({"shard": i, "of": n, "mode": mode, "cases": list(cases),
+                            "results": [result_to_dict(r) for r in results]}))
     return path
 
 

@@ -21,71 +21,125 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("infer")
 
+from .io import BYTES_PER_VOXEL, DEFAULT_MEMORY_GB  # noqa: E402 (numpy only; after the env var)
+
+
+_EPILOG = """\
+environment (read when the option is not given; the option wins):
+  INFER_INPUTS, INFER_OUTPUTS, INFER_WEIGHTS, INFER_DEVICE, INFER_SECONDS_PER_CLASS,
+  INFER_RESERVE_SECONDS, INFER_THREADS, INFER_MEMORY_GB
+  PYTHON  interpreter predict.sh runs (default: python3, else python)
+
+exit status: 0 when every case was handled (a case that cannot be segmented still gets its
+previous mask or zeros, and the log says why); 1 when the inputs or outputs folder is unusable;
+3 when the model could not be loaded (every readable case still gets its fallback output).
+"""
+
+
+def _env_float(name, default):
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return float(default)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     env = os.environ.get
-    p = argparse.ArgumentParser(prog="python -m infer", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="predict.sh", usage="sh predict.sh [options]",
+                                description="Segment every *.npz case of the inputs folder into the outputs folder "
+                                            "(python -m infer).", epilog=_EPILOG,
+                                formatter_class=_Formatter)
     p.add_argument("--inputs", default=env("INFER_INPUTS", "/workspace/inputs"), help="folder of case .npz files")
-    p.add_argument("--outputs", default=env("INFER_OUTPUTS", "/workspace/outputs"), help="folder for the outputs")
+    p.add_argument("--outputs", default=env("INFER_OUTPUTS", "/workspace/outputs"),
+                   help="folder for the outputs (created if missing)")
     p.add_argument("--weights", default=env("INFER_WEIGHTS", "/workspace/weights"),
-                   help="converted artifact folder (model_card.json) or nnInteractive release folder")
-    p.add_argument("--device", default=env("INFER_DEVICE") or None, help="cpu, cuda or cuda:N (default: cuda when present)")
-    p.add_argument("--seconds-per-class", type=float, default=float(env("INFER_SECONDS_PER_CLASS", "15")),
+                   help="converted artifact folder (model_card.json) or nnInteractive release folder, "
+                        "or a folder holding exactly one of them (the log names the one used)")
+    p.add_argument("--device", default=env("INFER_DEVICE") or None,
+                   help="cpu, cuda or cuda:N; unset (None): cuda when present, else cpu; cuda on a host "
+                        "without CUDA logs one line and runs on the cpu")
+    p.add_argument("--seconds-per-class", type=float, default=_env_float("INFER_SECONDS_PER_CLASS", 15),
                    help="time budget of one stage per class (the harness allows 90 s per class for all "
-                        "six stages together; default 15)")
-    p.add_argument("--reserve-seconds", type=float, default=float(env("INFER_RESERVE_SECONDS", "5")),
+                        "six stages together)")
+    p.add_argument("--reserve-seconds", type=float, default=_env_float("INFER_RESERVE_SECONDS", 5),
                    help="taken off each stage's budget for what happens outside the predictor: container "
-                        "and interpreter start before this process counts, writing, exit (default 5)")
+                        "and interpreter start before this process counts, writing, exit")
+    p.add_argument("--memory-gb", type=float, default=_env_float("INFER_MEMORY_GB", DEFAULT_MEMORY_GB),
+                   help=f"host memory the run may use; images above memory / {BYTES_PER_VOXEL} bytes "
+                        "per voxel are refused from their header (the harness's container has 32 GB)")
     p.add_argument("--no-autozoom", action="store_true", help="never zoom out and predict again")
     p.add_argument("--no-refine", action="store_true",
                    help="keep zoomed-out predictions as they are (no full-resolution refinement patches)")
     p.add_argument("--policy", default=env("INFER_POLICY") or None,
-                   help="interaction policy: preset[,knob=value...] (infer/policy.py; default: the model card's, else project)")
-    p.add_argument("--threads", type=int, default=int(env("INFER_THREADS", "0")), help="CPU threads (0: all cores)")
+                   help="interaction policy: preset[,knob=value...] (infer/policy.py; default: the model card's, else project) [INFER_POLICY]")
+    p.add_argument("--threads", type=int, default=int(_env_float("INFER_THREADS", 0)), help="CPU threads (0: all cores)")
     return p.parse_args(argv)
 
 
-def _labels(arr, k=None):
-    """Any numeric (D, H, W) array -> uint8 / uint16 labels: NaN and negatives become 0, values
-    are rounded, and labels above ``k`` (when known) become 0."""
-    import numpy as np
-    a = np.asarray(arr)
-    if a.dtype.kind == "f":
-        a = np.rint(np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0))
-    a = a.astype(np.int64, copy=False) if a.dtype.kind in "fb" else a
-    top = 65535 if k is None else int(k)
-    a = np.where((a < 0) | (a > top), 0, a)
-    return a.astype(np.uint8 if int(a.max(initial=0)) <= 255 and (k is None or k <= 255) else np.uint16)
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every default shown; the epilog kept as written."""
 
 
-def _fallback_segs(path, case):
+def shown(name: str) -> str:
+    """A case name as it goes into the log: as is when printable, else its escaped repr (no raw
+    newlines or control characters can split a log line)."""
+    return name if name.isprintable() else ascii(name)
+
+
+def _fallback_segs(path, case, limits):
     """The best output for a case that could not be segmented: its previous prediction (labels
-    above K dropped) or zeros of the image's shape; None when not even the shape is readable.
-    ``case``: what ``read_case`` returned, or None when it failed (then the file is read again
-    for imgs and prev_pred only, and last for the shape in the imgs header)."""
+    above K dropped; K unknown: above 65535) or zeros of the image's shape; None when not even a
+    sane shape is readable. ``case``: what ``read_case`` returned, or None when it failed (then
+    the file is read again for imgs and prev_pred only, and last for the shape in the imgs
+    header)."""
     import numpy as np
-    from .io import imgs_shape, read_case
+    from .io import imgs_shape, label_dtype, read_case, to_labels
     from .prompts import num_classes
     k = None
     if case is not None:
-        k = num_classes(case)
+        k = min(num_classes(case), 65535)
     else:
         try:
-            case = read_case(path, keys=("prev_pred",))
+            case = read_case(path, keys=("prev_pred",), limits=limits)
         except Exception:
             case = None
     if case is not None:
         prev = case.get("prev_pred")
         if prev is not None and prev.shape == case["imgs"].shape:
-            return _labels(prev, k)
-        return np.zeros(case["imgs"].shape, np.uint8 if k is None or k <= 255 else np.uint16)
-    shape = imgs_shape(path)
+            return to_labels(prev, k)
+        return np.zeros(case["imgs"].shape, label_dtype(k or 0))
+    shape = imgs_shape(path, limits)
     return None if shape is None else np.zeros(shape, np.uint8)
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text[:300]}" if text else type(exc).__name__
+    from .io import _exc_text
+    text = _exc_text(exc, 300)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _outputs_problem(folder: str):
+    """Why ``folder`` cannot take outputs (None when it can): created when missing, then a
+    probe file is created exclusively and removed."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "it exists and is not a folder"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".tmp-{os.getpid()}-probe")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc.strerror or exc}"
+    return None
+
+
+def _device(name):
+    """The device to load on: ``name``, except CUDA on a host without it (logged, CPU used)."""
+    import torch
+    if name and name.startswith("cuda") and not torch.cuda.is_available():
+        log.warning("--device %s: CUDA is not available on this host: running on the CPU", name)
+        return "cpu"
+    return name
 
 
 def main(argv=None, clock=None) -> int:
@@ -98,35 +152,52 @@ def main(argv=None, clock=None) -> int:
     log.setLevel(logging.INFO)  # one summary line per case, whatever the root logger's level
     start = T0 if clock is None else clock()
     clock = clock or time.monotonic
-    names = sorted(n for n in os.listdir(args.inputs) if n.endswith(".npz")) if os.path.isdir(args.inputs) else []
+    if not os.path.isdir(args.inputs):
+        log.error("inputs folder %s does not exist or is not a folder (--inputs / INFER_INPUTS)",
+                  shown(args.inputs))
+        return 1
+    names = sorted(n for n in os.listdir(args.inputs) if n.endswith(".npz"))
     if not names:
-        log.error("no .npz cases in %s", args.inputs)
-        return 1 if not os.path.isdir(args.inputs) else 0
-    os.makedirs(args.outputs, exist_ok=True)
+        log.error("no .npz cases in %s", shown(args.inputs))
+        return 0
+    problem = _outputs_problem(args.outputs)
+    if problem:
+        log.error("cannot write outputs to %s: %s (--outputs / INFER_OUTPUTS)", shown(args.outputs), problem)
+        return 1
 
     import torch
-    from .io import read_case, write_segs
+    from .io import Limits, label_dtype, read_case, write_segs
     from .predictor import Predictor
     from .prompts import num_classes
+    limits = Limits.for_memory(args.memory_gb)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    rc = 0
     try:
-        predictor = Predictor.from_path(args.weights, device=args.device, autozoom=not args.no_autozoom,
-                                           refine=not args.no_refine, policy=args.policy)
+        predictor = Predictor.from_path(args.weights, device=_device(args.device),
+                                        autozoom=not args.no_autozoom, refine=not args.no_refine,
+                                        policy=args.policy)
     except Exception as exc:
-        log.error("cannot load weights from %s: %s", args.weights, _one_line(exc))
-        predictor = None
+        log.error("cannot load weights from %s: %s", shown(str(args.weights)), _one_line(exc))
+        log.error("check --weights / INFER_WEIGHTS: a folder holding model_card.json + weights.pt "
+                  "(scripts/prepare_weights.py) or an nnInteractive release (plans.json, "
+                  "fold_0/checkpoint_final.pth); every case gets its fallback output, exit status 3")
+        predictor, rc = None, 3
     log.info("model ready on %s after %.2f s", predictor.device if predictor else "-", clock() - start)
 
     failures = 0
     for name in names:
-        src, dst = os.path.join(args.inputs, name), os.path.join(args.outputs, name)
+        src, dst, label = os.path.join(args.inputs, name), os.path.join(args.outputs, name), shown(name)
         t_case = clock()
         case = segs = None
         k, how = "?", "segmented"
         try:
-            case = read_case(src)
+            case = read_case(src, limits=limits)
+            case["name"] = label
+            for warning in case.get("warnings", []):
+                log.warning("%s: %s", label, warning)
             k = num_classes(case)
+            label_dtype(k)  # more than 65535 classes cannot be written
             if predictor is None:
                 raise RuntimeError("no model loaded")
             deadline = ((start if name == names[0] else t_case) + args.seconds_per_class * max(k, 1)
@@ -134,25 +205,27 @@ def main(argv=None, clock=None) -> int:
             segs = predictor.predict(case, deadline=deadline, clock=clock)
         except Exception as exc:
             failures += 1
-            log.error("%s: %s", name, _one_line(exc))
+            log.error("%s: %s", label, _one_line(exc))
             try:
-                segs = _fallback_segs(src, case)
+                segs = _fallback_segs(src, case, limits)
                 how = "fallback (previous mask or zeros)"
             except Exception as exc2:  # unreadable even for its shape
-                log.error("%s: fallback failed: %s", name, _one_line(exc2))
+                log.error("%s: fallback failed: %s", label, _one_line(exc2))
         if segs is None:
-            log.error("%s: no output: not even the image shape is readable", name)
+            log.error("%s: no output: not even a usable image shape is readable", label)
             continue
         try:
             write_segs(dst, segs)
         except Exception as exc:
             failures += 1
-            log.error("%s: no output: writing %s failed: %s", name, dst, _one_line(exc))
+            log.error("%s: no output: writing %s failed: %s", label, shown(dst), _one_line(exc))
             continue
-        log.info("%s: %s, K=%s, shape %s %s, labels up to %d, %.2f s", name, how, k,
+        log.info("%s: %s, K=%s, shape %s %s, labels up to %d, %.2f s", label, how, k,
                  "x".join(map(str, segs.shape)), segs.dtype, int(segs.max(initial=0)), clock() - t_case)
     log.info("done: %d case(s), %d problem(s), %.2f s in all", len(names), failures, clock() - start)
-    return 0
+    if rc:
+        log.error("the model did not load (see above): outputs are fallbacks only")
+    return rc
 
 
 if __name__ == "__main__":

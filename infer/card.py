@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 
+from .io import atomic_write
 from .network import ArchitectureError, normalize_arch
 
 FORMAT = "nnint-card/1"
@@ -157,9 +158,8 @@ class ModelCard:
         path = Path(path)
         if path.is_dir():
             path = path / CARD_FILE
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_write(path, "w", encoding="utf-8") as f:
+            f.write(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
 
 

@@ -2,19 +2,19 @@
 
 SRC is an nnInteractive release folder (or the folder above it) or an existing artifact. DST gets
 ``weights.pt`` (a plain dict of tensors, loadable with ``torch.load(weights_only=True)``) and
-``model_card.json`` (with the sha256 of weights.pt). Both are written atomically: a temporary file
-in DST, then ``os.replace``.
+``model_card.json`` (with the sha256 of weights.pt). Both are written atomically
+(``infer.io.atomic_write``: a temporary file in DST, then a rename).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 
 from .card import CARD_FILE, CardError, ModelCard
+from .io import atomic_write
 from .weights import (WeightsError, find_model_root, instantiate, read_artifact, read_release,
                       sha256_file)
 
@@ -32,13 +32,9 @@ def write_artifact(dst, state_dict: dict, card: ModelCard) -> Path:
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state_dict.items()}
     instantiate(card, meta, device="meta")  # raises WeightsError on any key / shape mismatch
     target = dst / card.weights_file
-    tmp = dst / f".{card.weights_file}.tmp-{os.getpid()}"
-    try:
-        torch.save(dict(state_dict), tmp)
-        card.weights_sha256 = sha256_file(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(target) as f:
+        torch.save(dict(state_dict), f)
+    card.weights_sha256 = sha256_file(target)
     card.save(dst / CARD_FILE)
     return dst
 

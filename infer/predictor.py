@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import time
 from typing import Callable, Optional, Sequence, Tuple
 
@@ -28,7 +29,8 @@ from .card import ModelCard
 from .geometry import Crop, bbox_of, crop_to_patch, crop_to_patch_nearest, make_crop, patch_to_region
 from .policy import (Policy, initial_view, lasso, parse_policy, refine_tiles, refines, to_frame, upsample,
                      wants_zoom_out, zoom_step)
-from .prompts import CHANNELS, ClassPrompts, class_prompts, encode, num_classes
+from .io import label_dtype
+from .prompts import CHANNELS, ClassPrompts, class_prompts, clicks_drawn, encode, num_classes
 
 log = logging.getLogger("infer")
 
@@ -64,7 +66,7 @@ def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
 
 def _as_float(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     """(D, H, W) any numeric dtype -> float32 on ``device``, NaN and inf as 0."""
-    img = torch.from_numpy(np.ascontiguousarray(imgs)).to(device)
+    img = torch.from_numpy(np.ascontiguousarray(_within_float32(imgs))).to(device)
     if img.dtype == torch.bool:
         img = img.to(torch.uint8)
     is_float = img.is_floating_point()
@@ -78,6 +80,19 @@ def nonzero_box(imgs: np.ndarray, device: torch.device):
     """Half-open bounding box of the image's non-zero voxels (the box ``normalize_image`` uses and
     nnInteractive crops the case to), or None when the image is all zero."""
     return bbox_of(_as_float(imgs, device))
+
+
+def _within_float32(imgs: np.ndarray) -> np.ndarray:
+    """A float64 volume whose finite values exceed float32's range, divided by a power of two
+    that brings them within it (z-scoring is scale-free), so that casting does not make them
+    inf (and then 0); any other volume unchanged."""
+    if imgs.dtype != np.float64 or imgs.size == 0:
+        return imgs
+    finite = np.isfinite(imgs)
+    top = float(np.abs(imgs, where=finite, out=np.zeros_like(imgs)).max())
+    if top <= float(np.finfo(np.float32).max) / 2:
+        return imgs
+    return imgs / 2.0 ** (math.frexp(top)[1] - 64)
 
 
 class _Merge:
@@ -100,8 +115,7 @@ class _Merge:
 
     def result(self, k: int) -> np.ndarray:
         lab = torch.where(self.best > self.bg, self.label, torch.zeros_like(self.label))
-        dtype = np.uint8 if k <= 255 else np.uint16
-        return lab.cpu().numpy().astype(dtype, copy=False)
+        return lab.cpu().numpy().astype(label_dtype(k), copy=False)
 
 
 class _LabelMerge:
@@ -116,8 +130,7 @@ class _LabelMerge:
         self.label[sl] = torch.where(prob > 0.5, torch.full_like(self.label[sl], k), self.label[sl])
 
     def result(self, k: int) -> np.ndarray:
-        dtype = np.uint8 if k <= 255 else np.uint16
-        return self.label.cpu().numpy().astype(dtype, copy=False)
+        return self.label.cpu().numpy().astype(label_dtype(k), copy=False)
 
 
 def network_input(image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor], crop: Crop,
@@ -166,6 +179,8 @@ class Predictor:
         self.half = self.device.type == "cuda"
         self.forward_s = 0.0  # duration of the last forward pass (the ``clock`` given to predict)
         self.cpu_fallback = self.device.type != "cpu"  # retry out-of-memory classes on the CPU
+        self.encode_rate: Optional[float] = None  # seconds per drawn click (perf_counter)
+        self.encode_n = 0  # clicks drawn in the last pass (its cost is part of forward_s)
 
     @property
     def max_zoom(self) -> float:
@@ -228,9 +243,9 @@ class Predictor:
                 prev_k = (prev_t == k) if prev_t is not None else None
                 pbox = bbox_of(prev_k) if prev_k is not None else None
                 try:
-                    if not self._fits(deadline, clock):
-                        raise TimeoutError("time budget spent: keeping the previous mask")
                     prompts = class_prompts(case, k, self.card.box_style)
+                    if not self._fits(deadline, clock, prompts):
+                        raise TimeoutError("time budget spent: keeping the previous mask")
                     fprev, fbox = prev_k, pbox
                     if frame is not None:
                         prompts = to_frame(prompts, frame[0], image.shape)
@@ -245,9 +260,29 @@ class Predictor:
             return merge.result(k_total)
 
     # ------------------------------------------------------------------ guards
-    def _fits(self, deadline: Optional[float], clock: Callable[[], float]) -> bool:
-        """Whether one more forward pass (as long as the last one) ends before ``deadline``."""
-        return deadline is None or clock() + self.forward_s <= deadline
+    def _fits(self, deadline: Optional[float], clock: Callable[[], float],
+              prompts: Optional[ClassPrompts] = None) -> bool:
+        """Whether one more forward pass (as long as the last one, with the prompt drawing
+        scaled to ``prompts``' clicks) ends before ``deadline``."""
+        return deadline is None or clock() + self.forward_s + self._drawing_extra(prompts) <= deadline
+
+    def _drawing_extra(self, prompts: Optional[ClassPrompts]) -> float:
+        """Seconds that drawing ``prompts``' clicks costs beyond the drawing in the last pass
+        (negative when it has fewer clicks). Drawing grows with the clicks (one ball each), so a
+        class with 60 000 clicks must not be timed like one with 3. The rate per click comes
+        from passes that drew at least 8 clicks; a class with more than 64 clicks and no rate
+        known yet first times the drawing of its 8 newest clicks."""
+        n = clicks_drawn(prompts) if prompts is not None else 0
+        if n > 64 and self.encode_rate is None:
+            sample = ClassPrompts(clicks=prompts.clicks[-8:])
+            crop = make_crop(list(prompts.clicks[-1][1]), 1.0, self.patch)
+            t = time.perf_counter()
+            encode(sample, crop, None, int(round(self.card.click_radius)), self.card.prompt_decay, self.device)
+            self._sync()
+            self.encode_rate = (time.perf_counter() - t) / 8
+        if self.encode_rate is None or prompts is None:
+            return 0.0
+        return self.encode_rate * (n - self.encode_n)
 
     def _predict_class_guarded(self, image, prompts, prev_k, deadline, clock, name, k, pbox=None,
                                frame=None) -> Optional[Region]:
@@ -364,7 +399,7 @@ class Predictor:
         center, zoom = initial_view(pol, prompts, prev_box, self.patch)
         crop = make_crop(center, zoom, self.patch)
         prob = None
-        while self._fits(deadline, clock):
+        while self._fits(deadline, clock, prompts):
             try:
                 new = self._timed_forward(image, prompts, prev_k, crop, clock)
             except torch.OutOfMemoryError:
@@ -429,7 +464,7 @@ class Predictor:
             out = vals.clone()
         prev_for_tiles = running
         for crop in crops:
-            if not self._fits(deadline, clock):
+            if not self._fits(deadline, clock, prompts):
                 break
             prob = self._timed_forward(image, prompts, prev_for_tiles, crop, clock, box_mask=box_mask)
             if pol.refine == "diff":
@@ -447,8 +482,16 @@ class Predictor:
 
     def make_input(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                    crop: Crop, box_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The network input for ``crop`` (:func:`network_input` with this predictor's card)."""
-        return network_input(image, prompts, prev_k, crop, self.card, self.device, box_mask)
+        """The network input for ``crop`` (:func:`network_input` with this predictor's card). Times
+        the pass's prompt drawing for the budget: ``encode_n`` clicks drawn, ``encode_rate``
+        seconds per click (from passes with at least 8 clicks)."""
+        t = time.perf_counter()
+        x = network_input(image, prompts, prev_k, crop, self.card, self.device, box_mask)
+        self.encode_n = clicks_drawn(prompts)
+        if self.encode_n >= 8:  # enough clicks that their cost dominates the fixed part
+            self._sync()
+            self.encode_rate = (time.perf_counter() - t) / self.encode_n
+        return x
 
     def forward(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                 crop: Crop, box_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -51,17 +51,35 @@ class ClassPrompts:
     done: bool = False
 
 
+class PromptError(ValueError):
+    """One class's prompts cannot be used (that class alone keeps its previous mask)."""
+
+
+BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_y_min", "z_mid_y_max", "z_mid_x_min", "z_mid_x_max")
+_BOX_REQUIRED = BOX_KEYS[2:]  # z_min / z_max default to z_mid
+
+
 def num_classes(case: dict) -> int:
-    """K = len(boxes), or len(clicks) when there are no boxes (0 when neither is given)."""
-    if case.get("boxes") is not None:
-        return len(case["boxes"])
-    if case.get("clicks") is not None:
-        return len(case["clicks"])
-    return 0
+    """K = the longest of ``boxes``, ``clicks`` and ``clicks_order`` (0 when none is given).
+
+    The harness writes them equally long (K = len(boxes), or len(clicks) without boxes); taking
+    the longest means a short or empty list never drops the later classes (and their previous
+    masks): a class missing from one list simply has no prompt of that kind."""
+    return max([len(case[key]) for key in ("boxes", "clicks", "clicks_order")
+                if case.get(key) is not None] + [0])
 
 
 def _inside(p: Sequence[int], shape: Sequence[int]) -> bool:
     return len(p) == 3 and all(0 <= int(v) < s for v, s in zip(p, shape))
+
+
+def _plain_int(v, what: str) -> int:
+    """``v`` as an int when it is an integer value (bool refused), else PromptError."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__index__"):
+        raise PromptError(f"{what}: expected an integer, got {type(v).__name__}")
+    if isinstance(v, float) and not (math.isfinite(v) and v == int(v)):
+        raise PromptError(f"{what}: expected an integer, got {v!r:.20}")
+    return int(v)
 
 
 def chronological_clicks(clicks: dict, order: Optional[list], shape: Sequence[int]) -> List[Tuple[bool, Vec3]]:
@@ -69,12 +87,26 @@ def chronological_clicks(clicks: dict, order: Optional[list], shape: Sequence[in
 
     ``None`` entries consume nothing. Clicks that ``order`` does not account for (the two disagree)
     are appended after the ordered ones, foreground first. Clicks outside the volume are dropped.
+    Raises PromptError for a click that is not three integers or an order entry that is not
+    "fg" / "bg" / None.
     """
-    fg = [tuple(int(v) for v in p) for p in (clicks or {}).get("fg", []) or []]
-    bg = [tuple(int(v) for v in p) for p in (clicks or {}).get("bg", []) or []]
+    def points(side):
+        out = []
+        for i, p in enumerate((clicks or {}).get(side, []) or []):
+            if not isinstance(p, (list, tuple)) or len(p) != 3:
+                raise PromptError(f"{side} click {i}: expected [z, y, x]")
+            if type(p[0]) is int and type(p[1]) is int and type(p[2]) is int:  # as infer.io gives them
+                out.append(tuple(p))
+            else:
+                out.append(tuple(_plain_int(v, f"{side} click {i}") for v in p))
+        return out
+
+    fg, bg = points("fg"), points("bg")
     seq: List[Tuple[bool, Vec3]] = []
     i = j = 0
     for kind in order or []:
+        if kind not in ("fg", "bg", None):
+            raise PromptError(f"clicks_order entry {kind!r:.20} is not 'fg', 'bg' or None")
         if kind == "fg" and i < len(fg):
             seq.append((True, fg[i]))
             i += 1
@@ -87,19 +119,28 @@ def chronological_clicks(clicks: dict, order: Optional[list], shape: Sequence[in
 
 def box_from_dict(d: dict, shape: Sequence[int], style: str) -> Tuple[Optional[Box], Optional[Box]]:
     """Organizer box dict (inclusive integers) -> (drawn box, object extent), both half-open and
-    clipped to ``shape``; (None, None) when the box is empty after clipping. Inverted bounds are
-    swapped."""
+    clipped to ``shape``; (None, None) when the box is empty (``{}``) or empty after clipping.
+    Inverted bounds are swapped; ``z_min`` / ``z_max`` default to ``z_mid``. Raises PromptError
+    for a missing or unknown key or a value that is not an integer."""
     if not d:
         return None, None
+    if not isinstance(d, dict):
+        raise PromptError(f"box: expected a dict, got {type(d).__name__}")
+    unknown = [key for key in d if key not in BOX_KEYS]
+    missing = [key for key in _BOX_REQUIRED if key not in d]
+    if unknown or missing:
+        raise PromptError(f"box: unknown key(s) {[str(u)[:20] for u in unknown[:3]]}" if unknown
+                          else f"box: missing key(s) {missing}")
+    v = {key: _plain_int(d[key], f"box {key}") for key in d}
 
     def span(a, b, n):
-        a, b = sorted((int(a), int(b)))
+        a, b = sorted((a, b))
         return max(a, 0), min(b + 1, n)
 
-    zmid = int(d["z_mid"])
-    y = span(d["z_mid_y_min"], d["z_mid_y_max"], shape[1])
-    x = span(d["z_mid_x_min"], d["z_mid_x_max"], shape[2])
-    z = span(d.get("z_min", zmid), d.get("z_max", zmid), shape[0])
+    zmid = v["z_mid"]
+    y = span(v["z_mid_y_min"], v["z_mid_y_max"], shape[1])
+    x = span(v["z_mid_x_min"], v["z_mid_x_max"], shape[2])
+    z = span(v.get("z_min", zmid), v.get("z_max", zmid), shape[0])
     zmid = min(max(zmid, z[0]), max(z[1] - 1, z[0]))
     extent = ((z[0], y[0], x[0]), (z[1], y[1], x[1]))
     if any(h <= l for l, h in zip(*extent)):
@@ -111,19 +152,38 @@ def box_from_dict(d: dict, shape: Sequence[int], style: str) -> Tuple[Optional[B
     raise ValueError(f"unknown box style {style!r}")
 
 
+def _entry(case: dict, key: str, k: int):
+    """Class ``k``'s entry of ``case[key]`` (None when absent); PromptError for one that
+    ``infer.io`` marked unusable (any object with a ``why`` attribute)."""
+    items = case.get(key)
+    entry = items[k - 1] if items is not None and k - 1 < len(items) else None
+    if hasattr(entry, "why"):
+        raise PromptError(str(entry.why))
+    return entry
+
+
 def class_prompts(case: dict, k: int, box_style: str) -> ClassPrompts:
-    """The prompts of class ``k`` (1-based) in ``case`` (a dict as ``infer.io.read_case`` returns)."""
+    """The prompts of class ``k`` (1-based) in ``case`` (a dict as ``infer.io.read_case`` returns).
+
+    Raises PromptError when any of the class's entries cannot be used: the caller keeps that
+    class's previous mask, the other classes are unaffected."""
     shape = case["imgs"].shape
     out = ClassPrompts()
-    boxes = case.get("boxes")
-    if boxes is not None and k - 1 < len(boxes) and boxes[k - 1]:
-        out.box, out.extent = box_from_dict(boxes[k - 1], shape, box_style)
-    clicks, order = case.get("clicks"), case.get("clicks_order")
-    if clicks is not None and k - 1 < len(clicks):
-        ordk = order[k - 1] if order is not None and k - 1 < len(order) else None
-        out.clicks = chronological_clicks(clicks[k - 1] or {}, ordk, shape)
-        out.done = bool(ordk) and ordk[-1] is None
+    box, clicks, order = (_entry(case, key, k) for key in ("boxes", "clicks", "clicks_order"))
+    if box:
+        out.box, out.extent = box_from_dict(box, shape, box_style)
+    if clicks is not None and not isinstance(clicks, dict):
+        raise PromptError(f"clicks: expected a dict, got {type(clicks).__name__}")
+    if clicks is not None or order:
+        out.clicks = chronological_clicks(clicks or {}, order, shape)
+        out.done = bool(order) and order[-1] is None
     return out
+
+
+def clicks_drawn(prompts: ClassPrompts) -> int:
+    """How many click balls :func:`encode` draws for ``prompts`` (what drawing time grows with;
+    the predictor's time budget scales its estimate of a pass by it)."""
+    return len(prompts.clicks)
 
 
 @lru_cache(maxsize=8)

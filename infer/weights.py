@@ -16,6 +16,7 @@ from __future__ import annotations
 import _codecs
 import hashlib
 import json
+import logging
 import pickle
 import re
 import zipfile
@@ -28,6 +29,8 @@ from .card import CARD_FILE, DEFAULT_CHANNELS, CardError, ModelCard
 from .network import ArchitectureError, ResidualEncoderUNet, build_network, normalize_arch
 
 STEM_KEY = "encoder.stem.convs.0.conv.weight"
+
+log = logging.getLogger("infer")
 
 
 class WeightsError(RuntimeError):
@@ -48,7 +51,11 @@ def _kind(folder: Path) -> str | None:
 
 
 def find_model_root(path) -> tuple[str, Path]:
-    """Return ("artifact" | "release", folder) for ``path`` or its single model sub-folder."""
+    """Return ("artifact" | "release", folder) for ``path`` or its single model sub-folder.
+
+    A folder holding no model itself but exactly one model sub-folder (``weights/`` holding
+    ``weights/demo``, or a Hugging Face download holding ``nnInteractive_v1.0/``) is accepted and
+    the sub-folder used is logged; several candidates raise WeightsError naming them."""
     path = Path(path)
     if path.is_file() and path.name == CARD_FILE:
         path = path.parent
@@ -59,10 +66,12 @@ def find_model_root(path) -> tuple[str, Path]:
         return kind, path
     nested = [(k, p) for p in sorted(path.iterdir()) if p.is_dir() and (k := _kind(p))]
     if len(nested) == 1:
+        log.info("weights: %s holds no model itself; using its only model folder %s (%s)",
+                 path, nested[0][1], nested[0][0])
         return nested[0]
     if nested:
-        raise WeightsError(f"{path} holds several models {[p.name for _, p in nested]}; "
-                           f"point at one of them")
+        raise WeightsError(f"{path} holds several models {[str(p) for _, p in nested]}; "
+                           f"point --weights at one of them")
     raise WeightsError(f"{path} holds neither {CARD_FILE} (converted artifact) nor plans.json "
                        f"(nnInteractive release), nor a single sub-folder with one")
 

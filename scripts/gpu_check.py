@@ -471,9 +471,9 @@ def write_report(out_dir, report: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_NAME
-    tmp = out_dir / f".{REPORT_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    from infer.io import atomic_write
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(report, indent=1, default=str) + "\n")
     return path
 
 

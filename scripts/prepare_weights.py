@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from infer.weights import sha256_file
+from infer.io import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "nnInteractive/nnInteractive"
@@ -102,10 +101,9 @@ def prepare(dst, source=None, repo_id: str = REPO_ID, model: str = MODEL, revisi
         raise PrepareError(f"{src}/fold_0/checkpoint_final.pth has sha256 {ckpt_sha}, "
                            f"expected {expect_sha256}")
 
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(dst, folder=True) as tmp:
+        tmp = Path(tmp)
         convert(src, tmp, box_style)
         card = json.loads((tmp / "model_card.json").read_text())
         weights = tmp / card.get("weights_file", "weights.pt")
@@ -126,11 +124,6 @@ def prepare(dst, source=None, repo_id: str = REPO_ID, model: str = MODEL, revisi
             "prepared_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=1) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return record
 
 

@@ -36,13 +36,13 @@ shapes, touching classes, five intensity models; its knobs are flags of the same
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from infer.io import atomic_write
 from scipy import ndimage
 
 KINDS = ("ellipsoid", "blob", "tube", "border")
@@ -263,15 +263,8 @@ def boxes_for_gts(gts, rng):
 def _atomic_savez(path, **arrays):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        np.savez_compressed(f, **arrays)
 
 
 def _object_array(items):

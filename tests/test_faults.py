@@ -118,7 +118,7 @@ def test_process_killed_while_writing_a_large_output_leaves_no_partial_file(tmp_
         assert np.array_equal(z["segs"], old)
     assert sorted(p.name for p in out.glob("*.npz")) == ["case.npz"]
     leftovers = [n for n in os.listdir(out) if n != "case.npz"]
-    assert leftovers and all(n.startswith(".case.npz.tmp-") for n in leftovers)  # hidden, not *.npz
+    assert leftovers and all(n.startswith(".tmp-") for n in leftovers)  # hidden, not *.npz
 
 
 # ---------------------------------------------------------------- device out of memory

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from numpy.lib import format as npformat
 
-from infer.io import CaseError, imgs_shape, read_case, safe_unpickle_loads, write_segs
+from infer.io import CaseError, Malformed, imgs_shape, read_case, safe_unpickle_loads, write_segs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,20 +146,51 @@ def test_bad_spacing_becomes_none(tmp_path, spacing):
 @pytest.mark.parametrize("extra, match", [
     ({"imgs": IMGS[0]}, "imgs: expected a 3D"),
     ({"imgs": IMGS.astype(np.complex64)}, "imgs: expected a 3D numeric"),
-    ({"prev_pred": IMGS[:, :2]}, "prev_pred: shape"),
-    ({"boxes": np.array(["box"], dtype=object)}, r"boxes\[0\]: expected a dict"),
-    ({"boxes": np.array([{"z_min": True}], dtype=object)}, "bool"),
-    ({"boxes": np.array([{"z_min": 1.5}], dtype=object)}, "expected an integer"),
-    ({"clicks": np.array([{"fg": [[1, 2]], "bg": []}], dtype=object)}, r"expected \[z, y, x\]"),
-    ({"clicks": np.array([{"fg": "abc"}], dtype=object)}, "expected a list"),
-    ({"clicks_order": np.array([["fg", "left"]], dtype=object)}, "unexpected entry 'left'"),
-    ({"clicks_order": np.array([["fg", 1]], dtype=object)}, "unexpected entry 1"),
+    ({"boxes": np.array("box", dtype=object)}, "boxes: expected a list"),
+    ({"clicks": np.array(7, dtype=object)}, "clicks: expected a list"),
 ])
-def test_malformed_entries_raise_one_line_case_error(tmp_path, extra, match):
+def test_unusable_images_and_prompt_keys_raise_one_line_case_error(tmp_path, extra, match):
     np.savez(tmp_path / "c.npz", **{"imgs": IMGS, **extra})
     with pytest.raises(CaseError, match=match) as err:
         read_case(tmp_path / "c.npz")
     assert str(err.value).startswith("c.npz: ") and "\n" not in str(err.value)
+
+
+GOOD_BOX = {"z_min": 0, "z_max": 1, "z_mid": 0, "z_mid_y_min": 0, "z_mid_y_max": 2,
+            "z_mid_x_min": 0, "z_mid_x_max": 3}
+
+
+@pytest.mark.parametrize("key, bad, match", [
+    ("boxes", "box", r"boxes\[1\]: expected a dict"),
+    ("boxes", dict(GOOD_BOX, z_min=True), "bool"),
+    ("boxes", dict(GOOD_BOX, z_min=15.5), "expected an integer, got 15.5"),
+    ("boxes", dict(GOOD_BOX, z_min=None), "expected an integer, got None"),
+    ("boxes", dict(GOOD_BOX, z_min="3"), "expected an integer, got '3'"),
+    ("clicks", {"fg": [[1, 2]], "bg": []}, r"expected \[z, y, x\]"),
+    ("clicks", {"fg": "abc"}, "expected a list"),
+    ("clicks", {"fg": [], "up": []}, "unexpected key 'up'"),
+    ("clicks_order", ["fg", "left"], "unexpected entry 'left'"),
+    ("clicks_order", ["fg", 1], "unexpected entry 1"),
+])
+def test_a_malformed_entry_is_marked_for_its_class_alone(tmp_path, key, bad, match):
+    good = {"boxes": GOOD_BOX, "clicks": {"fg": [[0, 1, 1]], "bg": []}, "clicks_order": ["fg"]}[key]
+    arr = np.empty(3, dtype=object)
+    arr[:] = [good, bad, good]
+    np.savez(tmp_path / "c.npz", imgs=IMGS, **{key: arr})
+    entries = read_case(tmp_path / "c.npz")[key]
+    assert len(entries) == 3 and isinstance(entries[1], Malformed)
+    assert re.search(match, entries[1].why) and "\n" not in entries[1].why
+    assert entries[1].why.startswith(f"{key}[1]")
+    assert not isinstance(entries[0], Malformed) and entries[0] == entries[2]
+
+
+@pytest.mark.parametrize("prev", [IMGS[:, :2], np.zeros((2, 3, 4), np.complex64), np.zeros((5, 5), np.uint8)])
+def test_unusable_prev_pred_is_ignored_with_a_warning(tmp_path, prev):
+    np.savez(tmp_path / "c.npz", imgs=IMGS, prev_pred=prev)
+    case = read_case(tmp_path / "c.npz")
+    assert case["prev_pred"] is None and case["imgs"].shape == (2, 3, 4)
+    (warning,) = case["warnings"]
+    assert warning.startswith("prev_pred: ") and warning.endswith("ignored")
 
 
 def test_truncated_non_npz_missing_imgs_and_short_data(tmp_path):
@@ -417,4 +448,4 @@ def test_process_killed_mid_write_leaves_no_npz(tmp_path):
     assert not out.exists()
     assert list(tmp_path.glob("*.npz")) == []
     leftovers = os.listdir(tmp_path)
-    assert len(leftovers) == 1 and leftovers[0].startswith(".case.npz.tmp-")
+    assert len(leftovers) == 1 and leftovers[0].startswith(".tmp-")

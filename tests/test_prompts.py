@@ -190,3 +190,30 @@ def test_class_prompts_and_num_classes():
     a, b = class_prompts(case, 1, "2d"), class_prompts(case, 2, "2d")
     assert a.clicks == [(True, (1, 2, 3))] and not a.done and a.box is None
     assert b.done and b.clicks == []
+
+
+def test_num_classes_is_the_longest_list_and_bad_entries_fail_their_class_only():
+    import numpy as np
+    import pytest
+    from infer.io import Malformed
+    from infer.prompts import PromptError
+    box = {"z_min": 1, "z_max": 3, "z_mid": 2, "z_mid_y_min": 1, "z_mid_y_max": 4, "z_mid_x_min": 1,
+           "z_mid_x_max": 4}
+    case = {"imgs": np.zeros((10, 10, 10), np.uint8), "boxes": [box, Malformed("boxes[1]: bad")],
+            "clicks": [None, None, {"fg": [[1, 1, 1]], "bg": []}], "clicks_order": None}
+    assert num_classes(case) == 3
+    assert num_classes({"boxes": [], "clicks": [{}, {}], "clicks_order": [[], [], [], []]}) == 4
+    assert num_classes({"boxes": None, "clicks": None}) == 0
+    assert class_prompts(case, 1, "3d").box == ((1, 1, 1), (4, 5, 5))
+    with pytest.raises(PromptError, match="boxes\\[1\\]: bad"):
+        class_prompts(case, 2, "3d")
+    assert class_prompts(case, 3, "3d").clicks == [(True, (1, 1, 1))]
+    for bad, match in [(dict(box, z_min=1.5), "expected an integer"), (dict(box, z_min=None), "NoneType"),
+                       (dict(box, other=1), "unknown key"), ({"z_mid": 2}, "missing key")]:
+        with pytest.raises(PromptError, match=match):
+            box_from_dict(bad, (10, 10, 10), "3d")
+    assert box_from_dict(dict(box, z_min=1.0), (10, 10, 10), "3d")[0] == ((1, 1, 1), (4, 5, 5))
+    with pytest.raises(PromptError, match="expected \\[z, y, x\\]"):
+        chronological_clicks({"fg": [[1, 2]]}, None, (10, 10, 10))
+    with pytest.raises(PromptError, match="clicks_order entry 'up'"):
+        chronological_clicks({"fg": [[1, 2, 3]]}, ["up"], (10, 10, 10))

@@ -9,12 +9,11 @@ Layout of a run folder ``OUT``::
     OUT/final/                       the artifact (card + weights) of the last epoch, once done
 
 A checkpoint folder is filled under a temporary name and renamed into place, then ``latest`` is
-replaced (``os.replace``): an interrupted write leaves the previous checkpoint and ``latest``
-untouched. Every file is read back with ``torch.load(weights_only=True)``.
+replaced, both through ``infer.io.atomic_write``: an interrupted write leaves the previous
+checkpoint and ``latest`` untouched. Every file is read back with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 
 from infer.card import ModelCard
 from infer.convert import write_artifact
+from infer.io import atomic_write
 from infer.weights import read_artifact
 
 LATEST = "latest"
@@ -42,19 +42,11 @@ def save_checkpoint(out, epoch: int, state_dict: dict, card: ModelCard, train_st
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     final = out / epoch_dir_name(epoch)
-    tmp = out / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_write(final, folder=True) as tmp:  # a re-run of the same epoch replaces it
         write_artifact(tmp, {k: v.detach().cpu() for k, v in state_dict.items()}, card)
-        torch.save(train_state, tmp / STATE_FILE)
-        if final.exists():  # a re-run of the same epoch: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    pointer = out / f".{LATEST}.tmp-{os.getpid()}"
-    pointer.write_text(final.name + "\n", encoding="utf-8")
-    os.replace(pointer, out / LATEST)
+        torch.save(train_state, Path(tmp) / STATE_FILE)
+    with atomic_write(out / LATEST, "w", encoding="utf-8") as f:
+        f.write(final.name + "\n")
     olds = sorted(p for p in out.glob("epoch_*") if p.is_dir() and p.name != final.name)
     for p in olds[: max(0, len(olds) - (keep - 1))]:
         shutil.rmtree(p, ignore_errors=True)
@@ -82,12 +74,6 @@ def export_final(out, state_dict: dict, card: ModelCard) -> Path:
     """Write the artifact ``OUT/final`` (card + weights, no training state), atomically."""
     out = Path(out)
     final = out / "final"
-    tmp = out / f".tmp-final-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_artifact(tmp, {k: v.detach().cpu() for k, v in state_dict.items()}, card)
-    old = out / f".old-final-{os.getpid()}"
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_write(final, folder=True) as tmp:
+        write_artifact(tmp, {k: v.detach().cpu() for k, v in state_dict.items()}, card)
     return final
