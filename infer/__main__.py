@@ -21,13 +21,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("infer")
 
-from .io import BYTES_PER_VOXEL, DEFAULT_MEMORY_GB  # noqa: E402 (numpy only; after the env var)
+from .limits import BYTES_PER_VOXEL, DEFAULT_MEMORY_GB  # noqa: E402 (no numpy: --help needs none)
 
 
 _EPILOG = """\
 environment (read when the option is not given; the option wins):
   INFER_INPUTS, INFER_OUTPUTS, INFER_WEIGHTS, INFER_DEVICE, INFER_SECONDS_PER_CLASS,
-  INFER_RESERVE_SECONDS, INFER_THREADS, INFER_MEMORY_GB
+  INFER_RESERVE_SECONDS, INFER_THREADS, INFER_MEMORY_GB, INFER_POLICY
   PYTHON  interpreter predict.sh runs (default: python3, else python)
 
 exit status: 0 when every case was handled (a case that cannot be segmented still gets its

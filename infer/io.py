@@ -35,11 +35,7 @@ __all__ = ["CaseError", "Limits", "Malformed", "read_case", "imgs_shape", "write
 
 _CHUNK = 1 << 20  # bytes per read from a zip member: small enough to stay in cache
 
-# Peak host memory of ``python -m infer`` per voxel of ``imgs``: 2.57 GB for 300 x 512 x 512
-# (78.6 M voxels) in scripts/memory_bench.py, i.e. 32.7 B/voxel with the interpreter and torch
-# included (docs/HARDENING.md). Rounded to 32 and applied to the memory the run may use.
-BYTES_PER_VOXEL = 32
-DEFAULT_MEMORY_GB = 28.0  # of the harness's 32 GB container: 4 GB left for weights and slack
+from .limits import BYTES_PER_VOXEL, DEFAULT_MEMORY_GB  # noqa: E402,F401 (re-exported)
 
 
 class CaseError(ValueError):

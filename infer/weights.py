@@ -29,6 +29,9 @@ from .card import CARD_FILE, DEFAULT_CHANNELS, CardError, ModelCard
 from .network import ArchitectureError, ResidualEncoderUNet, build_network, normalize_arch
 
 STEM_KEY = "encoder.stem.convs.0.conv.weight"
+# The interaction policy an nnInteractive release runs with unless told otherwise: nnInteractive
+# 1.1.5's own loop (docs/POLICY.md; the ablation there is for the demo model)
+RELEASE_POLICY = "reference"
 
 log = logging.getLogger("infer")
 
@@ -211,6 +214,7 @@ def read_release(root, box_style: str = "2d", demo: bool = False) -> tuple[dict,
             patch_size=list(config["patch_size"]), channels=DEFAULT_CHANNELS,
             box_style=box_style, click_radius=session.get("point_radius", 4),
             prompt_decay=session.get("interaction_decay", 0.9), demo=demo,
+            policy=RELEASE_POLICY,
             source=f"nnInteractive release {root.name!r}, configuration {config_name}, "
                    f"trainer {ckpt.get('trainer_name')}")
     except CardError as e:
