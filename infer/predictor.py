@@ -510,10 +510,21 @@ class Predictor:
                 logits = self.network(xi)
             if isinstance(logits, (list, tuple)):
                 logits = logits[0]
-            p = torch.softmax(logits[0].float(), 0)[1]
+            p = _fg_prob(logits[0].float())
             p = torch.flip(p, tuple(d - 2 for d in dims)) if dims else p
             total = p if total is None else total + p
         return total if len(flips) == 1 else total / len(flips)
+
+
+def _fg_prob(logits: torch.Tensor) -> torch.Tensor:
+    """Foreground probability from (2, *patch) logits, nudged by one float step where needed so
+    that ``p > 0.5`` is exactly the argmax (foreground iff ``logits[1] > logits[0]``): logits one
+    float step apart give a softmax of exactly 0.5, which ``> 0.5`` would call background."""
+    p = torch.softmax(logits, 0)[1]
+    fg = logits[1] > logits[0]
+    half = torch.tensor(0.5, dtype=p.dtype, device=p.device)
+    p = torch.where(fg & (p <= 0.5), torch.nextafter(half, torch.ones_like(half)), p)
+    return torch.where(~fg & (p > 0.5), half, p)
 
 
 def _shift(crop: Crop, origin: Sequence[int]) -> Crop:
