@@ -326,10 +326,12 @@ def test_allow_cpu_runs_the_pipeline_end_to_end(tmp_path):
     for name in ("environment", "weights", "forward", "cold_stage", "demo"):
         assert secs[name]["status"] == "ok", (name, secs[name])
     assert secs["fp16"] == {"status": "skipped", "why": "needs CUDA"}
-    assert secs["weights"]["random"] and secs["weights"]["patch_size"] == [40, 40, 40]
-    assert secs["forward"]["output_shape"] == [1, 2, 40, 40, 40]
+    from train.configs import get_config
+    patch = list(get_config("demo")["patch_size"])  # the demo configuration the check builds
+    assert secs["weights"]["random"] and secs["weights"]["patch_size"] == patch
+    assert secs["forward"]["output_shape"] == [1, 2, *patch]
     assert secs["cold_stage"]["per_k"]["2"]["stage_median_s"] > 0
-    assert secs["cold_stage"]["per_k"]["2"]["probe"]["classes_run"] == 2
+    assert secs["cold_stage"]["per_k"]["2"]["probe"]["classes"] == 2
     assert secs["demo"]["min_dice"] >= 0.99 and len(secs["demo"]["per_case"]) == 3
     assert (out / gc.TABLE_NAME).read_text().strip().endswith("(exit 0)")
     assert "[gpu_check +" in r.stdout  # progress lines
