@@ -196,7 +196,7 @@ def test_without_second_step_the_example_is_the_first_interaction():
     assert float(ex.target.sum()) > 0 and set(torch.unique(ex.target).tolist()) <= {0.0, 1.0}
 
 
-def test_cli_trains_exports_and_resumes(tmp_path):
+def test_cli_trains_exports_and_resumes(tmp_path, capsys):
     from scripts.synthetic import write_dataset
     data = tmp_path / "data"
     write_dataset(data, 2, seed=4, layout="train", shape=SHAPE)
@@ -211,6 +211,8 @@ def test_cli_trains_exports_and_resumes(tmp_path):
     assert card.demo and list(card.patch_size) == get_config("tiny")["patch_size"]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert log[0]["epoch"] == 1 and "val_box_dsc" in log[0] and "loss" in log[0]
+    # --no-progress hides the bar, not the epoch's line
+    assert any(line.startswith("epoch=1 step=1 loss=") for line in capsys.readouterr().out.splitlines())
     # one more epoch: resumes from epoch 1, does not restart
     args[args.index("--epochs") + 1] = "2"
     assert cli.main(args) == 0

@@ -208,9 +208,9 @@ class Trainer:
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                     for k, v in record.items()}) + "\n")
-            if self.progress:
-                tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v)
-                                    else f"{k}={v}" for k, v in record.items()))
+            # the epoch line is printed with or without the progress bar (rank 0 only)
+            tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v)
+                                else f"{k}={v}" for k, v in record.items()))
             self.dist.barrier()
         final = (export_final(self.out, self.network.state_dict(), self.card) if self.dist.is_main
                  else self.out / "final")
