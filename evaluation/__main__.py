@@ -34,7 +34,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from .harm import harm_summary_line
 from .pictures import draw_picture
 from .predict_args import split_predict_args, warm_options
-from .report import error_summary, plot_report, summary_line, write_csv
+from .report import error_summary, plot_report, split_summary_line, summary_line, write_csv
 from .runner import REPO_ROOT, ColdRunner, DockerRunner, WarmRunner, evaluate_case
 from . import shard as sharding
 
@@ -169,6 +169,7 @@ def report(args, results, mode: str) -> int:
     line = summary_line(results, zero_over_budget=zero, mode=mode)
     plot_report(results, args.out / "report.png", title=line)
     print(line)
+    print(split_summary_line(results, zero_over_budget=zero))
     print(harm_summary_line(results))
     errors = error_summary(results)
     if errors:  # e.g. every stage fell back to zeros: say why, and where the whole output is

@@ -24,7 +24,8 @@ import numpy as np
 from .harm import click_harm, draw_harm_panels, final_drop_from_best, harm_rate
 from .runner import N_STAGES, CaseResult
 
-__all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "error_summary", "plot_report"]
+__all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "split_summary_line", "error_summary",
+           "plot_report"]
 
 ORGANIZER_COLUMNS = (["CaseName", "TotalRunningTime"]
                      + [f"RunningTime_{k}" for k in range(1, N_STAGES + 1)]
@@ -122,6 +123,25 @@ def summary_line(results: List[CaseResult], zero_over_budget: bool = True, mode:
             f"{means['NSD_AUC']:.4f} | DSC_Final {means['DSC_Final']:.4f} | NSD_Final "
             f"{means['NSD_Final']:.4f} | over budget {over} | stages without output {missing} | "
             f"predictor time {total:.1f} s")
+
+
+def split_summary_line(results: List[CaseResult], zero_over_budget: bool = True) -> str:
+    """One line per kind of case: with boxes, mean DSC of the box stage, mean DSC_Final and the
+    mean change from the box stage to the last stage; without boxes (the box stage is skipped),
+    the first click stage takes the box stage's place. Kinds without cases are left out; a case
+    over budget counts DSC_Final 0 (as in ``summary_line``)."""
+    parts = []
+    for has_boxes, name, first, first_name in ((True, "box cases", 0, "box stage"),
+                                              (False, "no-box cases", 1, "click 1")):
+        group = [r for r in results if bool(r.has_boxes) == has_boxes]
+        if not group:
+            continue
+        final = [_scores(r, zero_over_budget)["DSC_Final"] for r in group]
+        start = [r.dsc[first] for r in group]
+        rise = [f - s for f, s in zip(final, start)]
+        parts.append(f"{name} {len(group)}: {first_name} DSC {_nanmean(start):.4f} -> DSC_Final "
+                     f"{_nanmean(final):.4f} (mean change {_nanmean(rise):+.4f})")
+    return " | ".join(parts)
 
 
 def _wrap(text: str) -> str:
