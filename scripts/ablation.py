@@ -13,7 +13,8 @@
 (one process per configuration, the predictor loaded once in it), and gives one row of a markdown
 table written to ``OUT/ablation.md`` and printed:
 
-- ``DSC_AUC``, ``NSD_AUC``, ``DSC_Final``: means over cases of ``metrics.csv``;
+- ``DSC_AUC``, ``NSD_AUC``, ``DSC_Final``: means over cases of ``metrics.csv``; ``final (box)``
+  and ``final (no-box)``: the mean ``DSC_Final`` of the cases with boxes and of those without;
 - ``click harm``: pooled share of class steps whose Dice dropped by more than 0.05
   (``evaluation.harm``: sum of ``HarmfulSteps`` / sum of ``ClickSteps``);
 - ``max final drop``: largest ``FinalDropFromBest`` (best click-stage DSC minus final DSC);
@@ -37,8 +38,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-TABLE_COLUMNS = ("config", "options", "DSC_AUC", "NSD_AUC", "DSC_Final", "click harm",
-                 "max final drop", "box DSC", "seconds")
+TABLE_COLUMNS = ("config", "options", "DSC_AUC", "NSD_AUC", "DSC_Final", "final (box)",
+                 "final (no-box)", "click harm", "max final drop", "box DSC", "seconds")
 
 
 def infer_accepts(flag: str, python: str = sys.executable) -> bool:
@@ -83,6 +84,8 @@ def table_row(rows: List[Dict[str, str]]) -> Dict[str, float]:
     return {"DSC_AUC": _mean([_float(r["DSC_AUC"]) for r in rows]),
             "NSD_AUC": _mean([_float(r["NSD_AUC"]) for r in rows]),
             "DSC_Final": _mean([_float(r["DSC_Final"]) for r in rows]),
+            "final (box)": _mean([_float(r["DSC_Final"]) for r in rows if r["HasBoxes"] == "True"]),
+            "final (no-box)": _mean([_float(r["DSC_Final"]) for r in rows if r["HasBoxes"] != "True"]),
             "click harm": harmful / steps if steps else math.nan,
             "harm counts": f"{harmful}/{steps}",
             "max final drop": max(drops) if drops else math.nan,
@@ -97,10 +100,12 @@ def markdown_table(entries: List[dict]) -> str:
         opts = f"`{e['options']}`" if e["options"] else "(none)"
         row = e.get("row")
         if row is None:
-            cells = [e["config"], opts] + [f"failed: {e.get('error', '')}"] + [""] * 5 + [f"{e['seconds']:.0f}"]
+            cells = ([e["config"], opts, f"failed: {e.get('error', '')}"] + [""] * (len(TABLE_COLUMNS) - 4)
+                     + [f"{e['seconds']:.0f}"])
         else:
             cells = [e["config"], opts, f"{row['DSC_AUC']:.4f}", f"{row['NSD_AUC']:.4f}",
-                     f"{row['DSC_Final']:.4f}", f"{100 * row['click harm']:.1f}% ({row['harm counts']})",
+                     f"{row['DSC_Final']:.4f}", f"{row['final (box)']:.4f}", f"{row['final (no-box)']:.4f}",
+                     f"{100 * row['click harm']:.1f}% ({row['harm counts']})",
                      f"{row['max final drop']:.4f}", f"{row['box DSC']:.4f}", f"{e['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

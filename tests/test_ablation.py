@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from scripts.ablation import (default_configs, infer_accepts, markdown_table, parse_config,
-                              table_row)
+from scripts.ablation import (TABLE_COLUMNS, default_configs, infer_accepts, markdown_table,
+                              parse_config, table_row)
 
 
 def test_config_parsing():
@@ -39,10 +39,14 @@ def test_table_numbers_pool_steps_and_average_box_stage_over_boxed_cases():
     assert t["DSC_AUC"] == 2.5 and t["DSC_Final"] == pytest.approx(0.7) and t["NSD_AUC"] == 2.0
     assert t["click harm"] == pytest.approx(4 / 18) and t["harm counts"] == "4/18"
     assert t["max final drop"] == 0.3 and t["box DSC"] == 0.6
+    assert t["final (box)"] == 0.8 and t["final (no-box)"] == 0.6
     assert math.isnan(table_row([rows[1]])["box DSC"])
+    assert math.isnan(table_row([rows[1]])["final (box)"])
     text = markdown_table([{"config": "x", "options": "--no-refine", "seconds": 12.3, "row": t},
                            {"config": "y", "options": "", "seconds": 1.0, "row": None, "error": "exit 2"}])
     lines = text.splitlines()
     assert lines[0].startswith("| config | options | DSC_AUC")
-    assert lines[2] == "| x | `--no-refine` | 2.5000 | 2.0000 | 0.7000 | 22.2% (4/18) | 0.3000 | 0.6000 | 12 |"
+    assert lines[2] == ("| x | `--no-refine` | 2.5000 | 2.0000 | 0.7000 | 0.8000 | 0.6000 | 22.2% (4/18) | 0.3000 "
+                        "| 0.6000 | 12 |")
     assert "failed: exit 2" in lines[3]
+    assert all(line.count("|") == len(TABLE_COLUMNS) + 1 for line in lines)
