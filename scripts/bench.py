@@ -264,7 +264,7 @@ def main(argv=None) -> int:
             weights = make_random_artifact(work / "full", FULL_ARCH, FULL_PATCH)
             wdesc = f"nnInteractive v1.0 configuration, random weights, patch {FULL_PATCH}"
         elif args.weights:
-            weights = Path(args.weights)
+            weights = Path(args.weights).resolve()  # the probe runs in another folder
             wdesc = str(weights)
         elif (REPO / "weights" / "demo").is_dir():
             weights = REPO / "weights" / "demo"
