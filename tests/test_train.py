@@ -218,6 +218,10 @@ def test_cli_trains_exports_and_resumes(tmp_path, capsys):
     assert cli.main(args) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and log[1]["step"] == 2
+    # the card names both commands: the first run's and the one that resumed it
+    source = load_model(out / "final", "cpu")[1].source
+    assert source.startswith("trained with `python -m train --data") and "--epochs 1 " in source
+    assert "; resumed after epoch 1 with `python -m train --data" in source and "--epochs 2 " in source
     # fine-tuning from the exported artifact works too
     out2 = tmp_path / "ft"
     assert cli.main(["--data", str(data), "--init", str(out / "final"), "--out", str(out2),

@@ -150,6 +150,9 @@ def _run(a, argv, ctx) -> int:
     if latest_checkpoint(a.out) is not None:
         trainer.resume()
         say(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored")
+        if f"`{cmd}`" not in trainer.card.source:  # the card says which commands made the model
+            trainer.card.source += (f"; resumed after epoch {trainer.epoch} with `{cmd}` "
+                                    f"({time.strftime('%Y-%m-%d')})")
     # every rank must resume from the same checkpoint (OUT on a filesystem all nodes see)
     ctx.check_same(trainer.epoch, f"the epoch to resume {a.out} from (is it shared by all nodes?)")
     say(f"{len(cases)} training cases, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
