@@ -28,7 +28,8 @@ from infer.prompts import CHANNELS, ClassPrompts
 from infer.weights import load_model
 from tinymodel import make_release_folder
 
-pytestmark = pytest.mark.reference
+# each test runs nnInteractive's own code in a subprocess: several seconds to minutes
+pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = ROOT / "tests" / "reference" / "driver.py"
