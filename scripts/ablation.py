@@ -81,15 +81,17 @@ def table_row(rows: List[Dict[str, str]]) -> Dict[str, float]:
     steps = sum(int(r["ClickSteps"]) for r in rows)
     drops = [_float(r["FinalDropFromBest"]) for r in rows]
     drops = [d for d in drops if not math.isnan(d)]
+    boxed = [r for r in rows if r["HasBoxes"] == "True"]
+    nobox = [r for r in rows if r["HasBoxes"] != "True"]
     return {"DSC_AUC": _mean([_float(r["DSC_AUC"]) for r in rows]),
             "NSD_AUC": _mean([_float(r["NSD_AUC"]) for r in rows]),
             "DSC_Final": _mean([_float(r["DSC_Final"]) for r in rows]),
-            "final (box)": _mean([_float(r["DSC_Final"]) for r in rows if r["HasBoxes"] == "True"]),
-            "final (no-box)": _mean([_float(r["DSC_Final"]) for r in rows if r["HasBoxes"] != "True"]),
+            "final (box)": _mean([_float(r["DSC_Final"]) for r in boxed]),
+            "final (no-box)": _mean([_float(r["DSC_Final"]) for r in nobox]),
             "click harm": harmful / steps if steps else math.nan,
             "harm counts": f"{harmful}/{steps}",
             "max final drop": max(drops) if drops else math.nan,
-            "box DSC": _mean([_float(r["DSC_1"]) for r in rows if r["HasBoxes"] == "True"]),
+            "box DSC": _mean([_float(r["DSC_1"]) for r in boxed]),
             "cases": len(rows)}
 
 

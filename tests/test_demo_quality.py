@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from evaluation.harm import click_harm
+from evaluation.harm import pooled_click_harm
 from infer.predictor import Predictor
 from scripts.synthetic import write_dataset
 from train.validate import evaluate, val_pairs
@@ -123,8 +123,5 @@ def test_held_out_family_box_cases(family_scores):
 
 @pytest.mark.slow
 def test_held_out_family_clicks_do_not_hurt(family_scores):
-    harmful, steps = 0, 0
-    for r in family_scores["results"]:
-        h, s = click_harm(r.class_dsc, r.ran)
-        harmful, steps = harmful + h, steps + s
+    harmful, steps = pooled_click_harm(family_scores["results"])
     assert steps >= 80 and harmful / steps <= 0.05, (harmful, steps)

@@ -136,7 +136,8 @@ def _run(a, argv, ctx) -> int:
     # worker processes read cases from their files; in-process sampling keeps them in memory
     cases = index_folder(a.data) if a.workers > 0 else load_folder(a.data)
     cmd = "python -m train " + " ".join(sys.argv[1:] if argv is None else argv)
-    source = f"trained with `{cmd}` ({time.strftime('%Y-%m-%d')})"
+    ran = f"`{cmd}` ({time.strftime('%Y-%m-%d')})"  # the command and the day, for the card
+    source = f"trained with {ran}"
     net, card = build_model(a.init, a.config, a.seed, a.box_style, a.demo, source)
     validate = make_validator(a.val, a.val_n, a.val_clicks) if a.val and ctx.is_main else None
     global_batch = a.batch_size * ctx.world_size
@@ -151,8 +152,7 @@ def _run(a, argv, ctx) -> int:
         trainer.resume()
         say(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored")
         if f"`{cmd}`" not in trainer.card.source:  # the card says which commands made the model
-            trainer.card.source += (f"; resumed after epoch {trainer.epoch} with `{cmd}` "
-                                    f"({time.strftime('%Y-%m-%d')})")
+            trainer.card.source += f"; resumed after epoch {trainer.epoch} with {ran}"
     # every rank must resume from the same checkpoint (OUT on a filesystem all nodes see)
     ctx.check_same(trainer.epoch, f"the epoch to resume {a.out} from (is it shared by all nodes?)")
     say(f"{len(cases)} training cases, {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M "
