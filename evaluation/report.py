@@ -24,8 +24,8 @@ import numpy as np
 from .harm import click_harm, draw_harm_panels, final_drop_from_best, harm_rate
 from .runner import N_STAGES, CaseResult
 
-__all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "split_summary_line", "error_summary",
-           "plot_report"]
+__all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "split_summary_line", "kind_means",
+           "error_summary", "plot_report"]
 
 ORGANIZER_COLUMNS = (["CaseName", "TotalRunningTime"]
                      + [f"RunningTime_{k}" for k in range(1, N_STAGES + 1)]
@@ -125,22 +125,36 @@ def summary_line(results: List[CaseResult], zero_over_budget: bool = True, mode:
             f"predictor time {total:.1f} s")
 
 
-def split_summary_line(results: List[CaseResult], zero_over_budget: bool = True) -> str:
-    """One line per kind of case: with boxes, mean DSC of the box stage, mean DSC_Final and the
-    mean change from the box stage to the last stage; without boxes (the box stage is skipped),
-    the first click stage takes the box stage's place. Kinds without cases are left out; a case
-    over budget counts DSC_Final 0 (as in ``summary_line``)."""
-    parts = []
-    for has_boxes, name, first, first_name in ((True, "box cases", 0, "box stage"),
-                                              (False, "no-box cases", 1, "click 1")):
+KINDS = ((True, "box cases", 0, "box stage"), (False, "no-box cases", 1, "click 1"))
+
+
+def kind_means(results: List[CaseResult], zero_over_budget: bool = True) -> dict:
+    """Per kind of case (``True``: with boxes, ``False``: without): ``n`` cases, ``start`` (mean
+    DSC of the box stage; without boxes the box stage is skipped and the first click stage takes
+    its place), ``final`` (mean DSC_Final; a case over budget counts 0 when ``zero_over_budget``,
+    as in ``summary_line``) and ``change`` (mean of final - start). NaN where a kind has no
+    case or no such stage."""
+    out = {}
+    for has_boxes, _, first, _ in KINDS:
         group = [r for r in results if bool(r.has_boxes) == has_boxes]
-        if not group:
-            continue
-        final = [_scores(r, zero_over_budget)["DSC_Final"] for r in group]
-        start = [r.dsc[first] for r in group]
-        rise = [f - s for f, s in zip(final, start)]
-        parts.append(f"{name} {len(group)}: {first_name} DSC {_nanmean(start):.4f} -> DSC_Final "
-                     f"{_nanmean(final):.4f} (mean change {_nanmean(rise):+.4f})")
+        final = [0.0 if zero_over_budget and r.over_budget else r.dsc[-1] for r in group]
+        start = [r.dsc[first] if len(r.dsc) > first else np.nan for r in group]
+        out[has_boxes] = {"n": len(group), "start": _nanmean(start), "final": _nanmean(final),
+                          "change": _nanmean(f - s for f, s in zip(final, start))}
+    return out
+
+
+def split_summary_line(results: List[CaseResult], zero_over_budget: bool = True) -> str:
+    """One line per kind of case (``kind_means``): with boxes, mean DSC of the box stage, mean
+    DSC_Final and the mean change from the box stage to the last stage; without boxes, the first
+    click stage takes the box stage's place. Kinds without cases are left out."""
+    means = kind_means(results, zero_over_budget)
+    parts = []
+    for has_boxes, name, _, first_name in KINDS:
+        m = means[has_boxes]
+        if m["n"]:
+            parts.append(f"{name} {m['n']}: {first_name} DSC {m['start']:.4f} -> DSC_Final "
+                         f"{m['final']:.4f} (mean change {m['change']:+.4f})")
     return " | ".join(parts)
 
 

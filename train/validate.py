@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from evaluation.report import kind_means
 from evaluation.runner import WarmRunner, evaluate_case
 
 
@@ -50,14 +51,13 @@ def evaluate(predict: Callable, pairs, n_clicks: int = 5, workdir=None) -> dict:
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
-    boxed = [r for r in results if r.has_boxes]
-    nobox = [r for r in results if not r.has_boxes]
+    kinds = kind_means(results, zero_over_budget=False)
     return {
-        "box_dsc": _mean(r.dsc[0] for r in boxed),
+        "box_dsc": kinds[True]["start"],
         "final_dsc": _mean(r.dsc[n_clicks] for r in results),
-        "final_dsc_box": _mean(r.dsc[n_clicks] for r in boxed),
-        "final_dsc_nobox": _mean(r.dsc[n_clicks] for r in nobox),
-        "click1_dsc_nobox": _mean(r.dsc[1] for r in nobox) if n_clicks >= 1 else float("nan"),
+        "final_dsc_box": kinds[True]["final"],
+        "final_dsc_nobox": kinds[False]["final"],
+        "click1_dsc_nobox": kinds[False]["start"],
         "dsc_auc": _mean(r.dsc_auc for r in results) if n_clicks == 5 else float("nan"),
         "results": results,
     }
