@@ -46,14 +46,17 @@ def pick_device(name: Optional[str] = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
+def normalize_image(imgs: np.ndarray, device: torch.device, with_box: bool = False):
     """(D, H, W) any numeric dtype -> float32 on ``device``, z-scored with mean and (unbiased)
     std over the bounding box of the non-zero voxels, 0 outside that box (nnInteractive v1.0).
-    NaN and inf become 0 first; a constant box gets std 1."""
+    NaN and inf become 0 first; a constant box gets std 1. ``with_box``: return ``(image, box)``,
+    ``box`` the half-open non-zero box (None for an all-zero image; the z-scored image's own
+    non-zero box can differ: zeros inside the box become negative)."""
     img = _as_float(imgs, device)
     box = bbox_of(img)
     if box is None:
-        return torch.zeros_like(img)
+        out = torch.zeros_like(img)
+        return (out, None) if with_box else out
     (z0, y0, x0), (z1, y1, x1) = box
     inner = img[z0:z1, y0:y1, x0:x1]
     mean = inner.mean(dtype=torch.float64)
@@ -61,7 +64,7 @@ def normalize_image(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     std = std if bool(std > 1e-8) and bool(torch.isfinite(std)) else torch.tensor(1.0, dtype=torch.float64)
     out = torch.zeros_like(img)
     out[z0:z1, y0:y1, x0:x1] = (inner - float(mean)) / float(std)
-    return out
+    return (out, box) if with_box else out
 
 
 def _as_float(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -74,12 +77,6 @@ def _as_float(imgs: np.ndarray, device: torch.device) -> torch.Tensor:
     if is_float and not bool(torch.isfinite(img).all()):  # integers are always finite
         img = torch.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
     return img
-
-
-def nonzero_box(imgs: np.ndarray, device: torch.device):
-    """Half-open bounding box of the image's non-zero voxels (the box ``normalize_image`` uses and
-    nnInteractive crops the case to), or None when the image is all zero."""
-    return bbox_of(_as_float(imgs, device))
 
 
 def _within_float32(imgs: np.ndarray) -> np.ndarray:
@@ -223,8 +220,8 @@ class Predictor:
         k_total = num_classes(case)
         name = case.get("name", "case")
         with torch.inference_mode():
-            image = normalize_image(imgs, self.device)
-            nonzero = nonzero_box(imgs, self.device) if self.policy.crop_nonzero else None
+            image, nonzero = normalize_image(imgs, self.device, with_box=True)
+            nonzero = nonzero if self.policy.crop_nonzero else None
             frame = None
             if nonzero is not None:
                 frame = (nonzero[0], shape)  # origin of the frame, shape of the whole volume

@@ -178,11 +178,11 @@ def test_out_of_memory_for_the_whole_case_reruns_it_on_the_cpu(logs, monkeypatch
     real = infer.predictor.normalize_image
     calls = []
 
-    def normalize_once_oom(imgs, device):
+    def normalize_once_oom(imgs, device, **kw):
         calls.append(device)
         if len(calls) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory (stub: the volume does not fit)")
-        return real(imgs, device)
+        return real(imgs, device, **kw)
 
     monkeypatch.setattr(infer.predictor, "normalize_image", normalize_once_oom)
     net = Stub()

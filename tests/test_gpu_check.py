@@ -149,11 +149,11 @@ def _rungs(caplog, net, fallback=True, monkeypatch=None, case_oom=False):
     if case_oom:
         real, calls = infer.predictor.normalize_image, []
 
-        def once(imgs, device):
+        def once(imgs, device, **kw):
             calls.append(1)
             if len(calls) == 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (stub: the volume does not fit)")
-            return real(imgs, device)
+            return real(imgs, device, **kw)
         monkeypatch.setattr(infer.predictor, "normalize_image", once)
     pred = Predictor(net, _card(), "cpu", autozoom=False)
     pred.cpu_fallback = fallback

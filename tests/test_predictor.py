@@ -186,6 +186,15 @@ def test_normalize_image_uses_the_nonzero_bounding_box():
     assert torch.equal(const, torch.zeros(4, 4, 4))
 
 
+def test_normalize_image_returns_the_raw_images_nonzero_box():
+    img = np.zeros((10, 10, 10), np.int16)
+    img[2, 3, 4], img[6, 8, 5] = 5, -3  # the box (2..6, 3..8, 4..5) holds zeros, which z-score to non-zero
+    out, box = normalize_image(img, torch.device("cpu"), with_box=True)
+    assert box == ((2, 3, 4), (7, 9, 6))
+    assert (out[2:7, 3:9, 4:6] != 0).all() and int((out != 0).sum()) == 5 * 6 * 2
+    assert normalize_image(np.zeros((3, 3, 3), np.uint8), torch.device("cpu"), with_box=True)[1] is None
+
+
 def test_refinement_restores_full_resolution_after_zooming_out():
     # extent (20, 40, 20) -> zoom (40 + 32/3) / 32 = 1.58: the coarse answer is blurred at the box
     # faces; two zoom-1 patches tile the object and give back the exact box.
