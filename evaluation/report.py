@@ -128,17 +128,18 @@ def summary_line(results: List[CaseResult], zero_over_budget: bool = True, mode:
 KINDS = ((True, "box cases", 0, "box stage"), (False, "no-box cases", 1, "click 1"))
 
 
-def kind_means(results: List[CaseResult], zero_over_budget: bool = True) -> dict:
+def kind_means(results: List[CaseResult], zero_over_budget: bool = True, final_stage: int = -1) -> dict:
     """Per kind of case (``True``: with boxes, ``False``: without): ``n`` cases, ``start`` (mean
     DSC of the box stage; without boxes the box stage is skipped and the first click stage takes
-    its place), ``final`` (mean DSC_Final; a case over budget counts 0 when ``zero_over_budget``,
-    as in ``summary_line``) and ``change`` (mean of final - start). NaN where a kind has no
-    case or no such stage."""
+    its place), ``final`` (mean DSC of stage ``final_stage``, by default the last: DSC_Final; a
+    case over budget counts 0 when ``zero_over_budget``, as in ``summary_line``) and ``change``
+    (mean of final - start); NaN for a kind without cases. ``final_stage``: the last stage run
+    when a run stops early (``CaseResult.dsc`` always holds all six stages, 0 for those not run)."""
     out = {}
     for has_boxes, _, first, _ in KINDS:
         group = [r for r in results if bool(r.has_boxes) == has_boxes]
-        final = [0.0 if zero_over_budget and r.over_budget else r.dsc[-1] for r in group]
-        start = [r.dsc[first] if len(r.dsc) > first else np.nan for r in group]
+        final = [0.0 if zero_over_budget and r.over_budget else r.dsc[final_stage] for r in group]
+        start = [r.dsc[first] for r in group]
         out[has_boxes] = {"n": len(group), "start": _nanmean(start), "final": _nanmean(final),
                           "change": _nanmean(f - s for f, s in zip(final, start))}
     return out

@@ -1,6 +1,7 @@
 """The evaluation's per-kind summary line (box cases, no-box cases), on hand-made results."""
 import math
 
+import numpy as np
 import pytest
 
 from evaluation.report import kind_means, split_summary_line
@@ -30,14 +31,38 @@ def test_a_kind_without_cases_is_left_out_and_over_budget_counts_zero():
         "no-box cases 1: click 1 DSC 0.5000 -> DSC_Final 0.8000 (mean change +0.3000)"
 
 
-def test_kind_means_on_short_runs_and_missing_kinds():
-    # a validation run with one click stage: two stages per case
-    a = _case("a.npz", True, [0.5, 0.7], times=[1.0, 1.0])
-    c = _case("c.npz", False, [0.0, 0.4], times=[1.0, 1.0])
-    means = kind_means([a, c], zero_over_budget=False)
+def test_kind_means_of_a_run_stopped_after_one_click_stage():
+    # a validation run with one click stage: stages 3..6 did not run and score 0
+    a = _case("a.npz", True, [0.5, 0.7, 0, 0, 0, 0])
+    c = _case("c.npz", False, [0.0, 0.4, 0, 0, 0, 0])
+    means = kind_means([a, c], zero_over_budget=False, final_stage=1)
     assert means[True] == {"n": 1, "start": 0.5, "final": 0.7, "change": pytest.approx(0.2)}
     assert means[False] == {"n": 1, "start": 0.4, "final": 0.4, "change": 0.0}
-    # no stage after the skipped box stage: nothing to start from
-    only_box_stage = kind_means([_case("d.npz", False, [0.0], times=[1.0])])
-    assert math.isnan(only_box_stage[False]["start"]) and math.isnan(only_box_stage[False]["change"])
+    # by default the last stage is the final one, as in the organizer's DSC_Final
+    assert kind_means([a])[True]["final"] == 0.0
     assert kind_means([a])[False]["n"] == 0 and math.isnan(kind_means([a])[False]["final"])
+
+
+def test_validation_summary_reads_the_last_stage_it_ran(tmp_path):
+    # train.validate on a real (tiny) validation folder, one click stage: the per-kind finals are
+    # stage 2's Dice, not the unrun stage 6's 0
+    from train.validate import evaluate, val_pairs
+    rng = np.random.default_rng(0)
+    gts = np.zeros((12, 24, 24), np.uint8)
+    gts[3:9, 6:18, 6:18] = 1
+    imgs = (gts * 100 + rng.integers(0, 10, gts.shape)).astype(np.int16)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "gts").mkdir()
+    box = {"z_min": 3, "z_max": 8, "z_mid": 5, "z_mid_y_min": 6, "z_mid_y_max": 17, "z_mid_x_min": 6,
+           "z_mid_x_max": 17}
+    np.savez(tmp_path / "images" / "b.npz", imgs=imgs, spacing=np.ones(3), boxes=np.array([box], object))
+    np.savez(tmp_path / "images" / "n.npz", imgs=imgs, spacing=np.ones(3))
+    for name in ("b", "n"):
+        np.savez(tmp_path / "gts" / f"{name}.npz", gts=gts)
+
+    def fill_box(case):  # a predictor that marks the object exactly once it has any prompt
+        return gts.copy()
+
+    s = evaluate(fill_box, val_pairs(tmp_path), n_clicks=1)
+    assert s["box_dsc"] == 1.0 and s["final_dsc_box"] == 1.0
+    assert s["click1_dsc_nobox"] == 1.0 and s["final_dsc_nobox"] == 1.0

@@ -51,13 +51,13 @@ def evaluate(predict: Callable, pairs, n_clicks: int = 5, workdir=None) -> dict:
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
-    kinds = kind_means(results, zero_over_budget=False)
+    kinds = kind_means(results, zero_over_budget=False, final_stage=n_clicks)
     return {
         "box_dsc": kinds[True]["start"],
         "final_dsc": _mean(r.dsc[n_clicks] for r in results),
         "final_dsc_box": kinds[True]["final"],
         "final_dsc_nobox": kinds[False]["final"],
-        "click1_dsc_nobox": kinds[False]["start"],
+        "click1_dsc_nobox": kinds[False]["start"] if n_clicks >= 1 else float("nan"),
         "dsc_auc": _mean(r.dsc_auc for r in results) if n_clicks == 5 else float("nan"),
         "results": results,
     }
