@@ -1,9 +1,11 @@
-"""``python -m infer.convert SRC DST [--box-style 2d|3d] [--demo]``: write a converted artifact.
+"""``python -m infer.convert SRC DST [--box-style 2d|3d] [--demo] [--patch N] [--policy SPEC]``: write a converted artifact.
 
 SRC is an nnInteractive release folder (or the folder above it) or an existing artifact. DST gets
 ``weights.pt`` (a plain dict of tensors, loadable with ``torch.load(weights_only=True)``) and
 ``model_card.json`` (with the sha256 of weights.pt). Both are written atomically
-(``infer.io.atomic_write``: a temporary file in DST, then a rename).
+(``infer.io.atomic_write``: a temporary file in DST, then a rename). ``--patch`` and ``--policy``
+set the card's patch size and interaction policy (the network is fully convolutional: the same
+weights run at any patch that its strides divide).
 """
 from __future__ import annotations
 
@@ -39,10 +41,12 @@ def write_artifact(dst, state_dict: dict, card: ModelCard) -> Path:
     return dst
 
 
-def convert(src, dst, box_style: str | None = None, demo: bool | None = None) -> Path:
+def convert(src, dst, box_style: str | None = None, demo: bool | None = None,
+            patch=None, policy: str | None = None) -> Path:
     """Convert SRC (release or artifact) into an artifact folder DST; returns DST.
 
-    box_style / demo override the card's values when given (a release defaults to "2d", False).
+    box_style / demo override the card's values when given (a release defaults to "2d", False);
+    so do ``patch`` (one int for all axes, or three) and ``policy`` (an ``infer.policy`` spec).
     """
     kind, root = find_model_root(src)
     if kind == "release":
@@ -55,11 +59,30 @@ def convert(src, dst, box_style: str | None = None, demo: bool | None = None) ->
     if Path(dst).resolve() == root.resolve():
         raise WeightsError(f"DST {dst} is the source folder; choose another folder")
     card.weights_file = "weights.pt"
+    if policy is not None:
+        card.policy = policy
+    if patch is not None:
+        card.patch_size = [patch] * 3 if isinstance(patch, int) else list(patch)
     try:
         card.validate()
     except CardError as e:
         raise WeightsError(str(e)) from None
+    if patch is not None:
+        _check_patch(card)
     return write_artifact(dst, sd, card)
+
+
+def _check_patch(card: ModelCard) -> None:
+    """Every patch axis must be a multiple of the network's total stride along it, or the
+    decoder's skip connections do not line up."""
+    strides = card.architecture["strides"]
+    for axis, size in enumerate(card.patch_size):
+        total = 1
+        for s in strides:
+            total *= int(s[axis])
+        if size % total:
+            raise WeightsError(f"patch {list(card.patch_size)}: axis {axis} ({size}) is not a "
+                               f"multiple of the network's total stride {total}")
 
 
 def main(argv=None) -> int:
@@ -70,9 +93,17 @@ def main(argv=None) -> int:
                     help="how boxes are drawn for this model (release default: 2d)")
     ap.add_argument("--demo", action="store_true", default=None,
                     help="mark the card as a demo (not a real trained) model")
+    ap.add_argument("--patch", type=int, nargs="+", default=None, metavar="N",
+                    help="patch size: one number for all axes or three (z y x); default: the source's")
+    ap.add_argument("--policy", default=None,
+                    help="interaction policy written into the card (an infer.policy spec, e.g. "
+                         "'reference,refine=none'); default: the source's")
     args = ap.parse_args(argv)
+    if args.patch is not None and len(args.patch) not in (1, 3):
+        ap.error("--patch takes one number or three")
+    patch = None if args.patch is None else (args.patch[0] if len(args.patch) == 1 else args.patch)
     try:
-        dst = convert(args.src, args.dst, args.box_style, args.demo)
+        dst = convert(args.src, args.dst, args.box_style, args.demo, patch, args.policy)
     except (WeightsError, CardError, OSError) as e:
         print(f"convert: error: {e}", file=sys.stderr)
         return 1

@@ -116,3 +116,32 @@ def test_card_unknown_or_missing_fields(tmp_path):
     (tmp_path / "model_card.json").write_text("{not json")
     with pytest.raises(CardError, match="cannot read"):
         ModelCard.load(tmp_path)
+
+
+def test_patch_and_policy_overrides_keep_the_weights(tmp_path, capsys):
+    src = make_artifact(tmp_path / "a", seed=14)
+    dst = tmp_path / "b"
+    assert main([str(src), str(dst), "--patch", "12", "24", "40", "--policy", "reference,mirror=on"]) == 0
+    card = ModelCard.load(dst)
+    assert card.patch_size == (12, 24, 40) and card.policy == "reference,mirror=on"
+    assert (dst / "weights.pt").read_bytes() == (src / "weights.pt").read_bytes()
+    # the same network at the new patch: fully convolutional, so the logits are the source's
+    x = torch.randn(1, IN_CHANNELS, 12, 24, 40, generator=torch.Generator().manual_seed(1))
+    a, _ = load_model(src)
+    b, _ = load_model(dst)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    assert main([str(src), str(tmp_path / "c"), "--patch", "32"]) == 0
+    assert ModelCard.load(tmp_path / "c").patch_size == (32, 32, 32)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--patch", "6"], "not a multiple of the network's total stride 4"),  # z: strides 1*1*2*2
+    (["--patch", "16", "20", "32"], "axis 1 (20) is not a multiple of the network's total stride 8"),
+    (["--policy", "bogus"], "unknown policy preset 'bogus'"),
+])
+def test_bad_patch_or_policy_is_refused_and_nothing_is_written(tmp_path, capsys, args, message):
+    src = make_artifact(tmp_path / "a", seed=15)
+    assert main([str(src), str(tmp_path / "out")] + args) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

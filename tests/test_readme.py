@@ -22,7 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
 # commands the documentation may call that are not part of this repository
-OUTSIDE_TOOLS = {"docker", "cp", "git", "mkdir"}
+OUTSIDE_TOOLS = {"docker", "cp", "git", "mkdir", "ln", "ls"}
 COMMAND_STARTS = (".venv/bin/python ", ".venv/bin/torchrun ", "sh predict.sh", "bash scripts/", "./build.sh")
 VENV_PYTHON = ".venv/bin/python"
 
