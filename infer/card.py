@@ -72,6 +72,7 @@ class ModelCard:
         if not isinstance(self.patch_size, (list, tuple)) or len(self.patch_size) != 3:
             raise CardError(f"patch_size must be 3 ints (z, y, x), got {self.patch_size!r}")
         self.patch_size = tuple(_pos_int("patch_size", p) for p in self.patch_size)
+        _check_patch_strides(self.patch_size, self.architecture["strides"])
         self.channels = tuple(self.channels)
         if len(self.channels) != self.input_channels:
             raise CardError(f"channels lists {len(self.channels)} names but input_channels is "
@@ -161,6 +162,18 @@ class ModelCard:
         with atomic_write(path, "w", encoding="utf-8") as f:
             f.write(json.dumps(self.to_dict(), indent=2) + "\n")
         return path
+
+
+def _check_patch_strides(patch, strides) -> None:
+    """Every patch axis must be a multiple of the network's total stride along it, or the
+    decoder's skip connections do not line up (the first forward pass would fail)."""
+    for axis, size in enumerate(patch):
+        total = 1
+        for s in strides:
+            total *= int(s[axis])
+        if size % total:
+            raise CardError(f"patch_size {list(patch)}: axis {axis} ({size}) is not a multiple of "
+                            f"the network's total stride {total}")
 
 
 def _pos_int(name: str, v) -> int:

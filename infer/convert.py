@@ -67,22 +67,7 @@ def convert(src, dst, box_style: str | None = None, demo: bool | None = None,
         card.validate()
     except CardError as e:
         raise WeightsError(str(e)) from None
-    if patch is not None:
-        _check_patch(card)
     return write_artifact(dst, sd, card)
-
-
-def _check_patch(card: ModelCard) -> None:
-    """Every patch axis must be a multiple of the network's total stride along it, or the
-    decoder's skip connections do not line up."""
-    strides = card.architecture["strides"]
-    for axis, size in enumerate(card.patch_size):
-        total = 1
-        for s in strides:
-            total *= int(s[axis])
-        if size % total:
-            raise WeightsError(f"patch {list(card.patch_size)}: axis {axis} ({size}) is not a "
-                               f"multiple of the network's total stride {total}")
 
 
 def main(argv=None) -> int:

@@ -97,6 +97,9 @@ def test_card_round_trip(tmp_path):
     ({"prompt_decay": 1.5}, "prompt_decay"),
     ({"click_radius": 0}, "click_radius"),
     ({"patch_size": [16, 32]}, "patch_size"),
+    # tiny_arch's total strides are (4, 8, 8): 20 along y leaves the skips misaligned
+    ({"patch_size": [16, 20, 32]}, r"axis 1 \(20\) is not a multiple of the network's total stride 8"),
+    ({"patch_size": [6, 32, 32]}, r"axis 0 \(6\) is not a multiple of the network's total stride 4"),
     ({"normalization": "minmax"}, "normalization"),
     ({"weights_file": "../../etc/passwd"}, "weights_file"),
     ({"weights_sha256": "abc"}, "weights_sha256"),
@@ -145,3 +148,13 @@ def test_bad_patch_or_policy_is_refused_and_nothing_is_written(tmp_path, capsys,
     assert main([str(src), str(tmp_path / "out")] + args) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_card_edited_by_hand_with_a_bad_patch_is_refused_at_load(tmp_path):
+    src = make_artifact(tmp_path / "a", seed=16)
+    path = src / "model_card.json"
+    raw = json.loads(path.read_text())
+    raw["patch_size"] = [16, 20, 32]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(WeightsError, match=r"axis 1 \(20\) is not a multiple"):
+        load_model(src)
