@@ -44,6 +44,7 @@ CHOICES = {
     "upsample": ("prob", "label"),
     "refine": ("none", "tiles", "diff"),
     "paste": ("prob", "label"),
+    "mirror_axes": ("zyx", "zy", "zx", "yx", "z", "y", "x"),
 }
 
 
@@ -76,7 +77,9 @@ class Policy:
     lasso: during refinement, restrict the box+ channel to the coarse mask (pseudo-lasso).
     paste: "prob": classes merged by probability (background = prod(1 - p_c), argmax);
       "label": each class pastes its labels, a later class overwrites an earlier one.
-    mirror: test-time augmentation: average the softmax over the 8 axis flips of the input.
+    mirror: test-time augmentation: average the softmax over the axis flips of the input.
+    mirror_axes: the axes those flips combine, in z, y, x order: "zyx" (8 flips), "yx" (the 4
+      in-plane flips, half the passes), ... (nnU-Net's allowed mirroring axes).
     """
 
     name: str = "project"
@@ -95,6 +98,7 @@ class Policy:
     lasso: bool = False
     paste: str = "prob"
     mirror: bool = False
+    mirror_axes: str = "zyx"
 
     def __post_init__(self):
         for k, allowed in CHOICES.items():
@@ -159,6 +163,15 @@ def parse_policy(spec) -> Policy:
     if not kw:
         return PRESETS[base]
     return PRESETS[base].replace(name=",".join([base] + overrides), **kw)
+
+
+def mirror_flips(policy: Policy) -> List[Tuple[int, ...]]:
+    """The flips one view is predicted under, as dims of a (B, C, Z, Y, X) tensor: ``[()]``
+    without mirroring, else every combination of ``policy.mirror_axes`` (the identity first)."""
+    if not policy.mirror:
+        return [()]
+    dims = [2 + "zyx".index(a) for a in policy.mirror_axes]
+    return [tuple(d for j, d in enumerate(dims) if i >> j & 1) for i in range(2 ** len(dims))]
 
 
 # ---------------------------------------------------------------------------- first view

@@ -27,8 +27,8 @@ import torch
 
 from .card import ModelCard
 from .geometry import Crop, bbox_of, crop_to_patch, crop_to_patch_nearest, make_crop, patch_to_region
-from .policy import (Policy, initial_view, lasso, parse_policy, refine_tiles, refines, to_frame, upsample,
-                     wants_zoom_out, zoom_step)
+from .policy import (Policy, initial_view, lasso, mirror_flips, parse_policy, refine_tiles, refines, to_frame,
+                     upsample, wants_zoom_out, zoom_step)
 from .io import label_dtype
 from .prompts import CHANNELS, ClassPrompts, class_prompts, clicks_drawn, encode, num_classes
 
@@ -493,10 +493,9 @@ class Predictor:
     def forward(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                 crop: Crop, box_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One network pass on ``crop``: returns the foreground probability, (*patch) float32
-        (with ``policy.mirror``: the mean over the 8 axis flips of the input)."""
+        (with ``policy.mirror``: the mean over the axis flips of the input, ``mirror_flips``)."""
         x = self.make_input(image, prompts, prev_k, crop, box_mask)
-        flips = [()] if not self.policy.mirror else \
-            [tuple(a for a, bit in zip((2, 3, 4), (i & 1, i & 2, i & 4)) if bit) for i in range(8)]
+        flips = mirror_flips(self.policy)
         total = None
         for dims in flips:
             xi = torch.flip(x, dims) if dims else x

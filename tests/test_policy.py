@@ -322,6 +322,33 @@ def test_mirror_averages_the_flips():
     assert not (Predictor(Left(), card(), "cpu", policy="project,zoom_out=none,mirror=on").predict(c) == 1).any()
 
 
+def test_mirror_axes_choose_the_flips():
+    from infer.policy import mirror_flips
+    assert mirror_flips(parse_policy("reference")) == [()]
+    every = mirror_flips(parse_policy("reference,mirror=on"))  # (B, C, Z, Y, X): z = dim 2
+    assert every[0] == () and sorted(every) == sorted([(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)])
+    assert mirror_flips(parse_policy("reference,mirror=on,mirror_axes=yx")) == [(), (3,), (4,), (3, 4)]
+    assert mirror_flips(parse_policy("mirror=on,mirror_axes=z")) == [(), (2,)]
+    for bad in ("mirror_axes=xy", "mirror_axes=", "mirror_axes=zz", "mirror_axes=t"):
+        with pytest.raises(ValueError):
+            parse_policy("reference,mirror=on," + bad)
+
+
+def test_only_the_named_axes_are_flipped():
+    """A model whose foreground is the lower half of x: averaged away by any flip set that holds
+    x, kept by one that does not."""
+    class Left(torch.nn.Module):
+        def forward(self, x):
+            fg = torch.full_like(x[:, 0], -20.0)
+            fg[..., : x.shape[-1] // 2] = 20.0
+            return torch.stack([torch.zeros_like(fg), fg], 1)
+
+    c = case_with(clicks=[{"fg": [[20, 25, 30]], "bg": []}], clicks_order=[["fg"]])
+    for axes, kept in (("zy", True), ("z", True), ("x", False), ("yx", False)):
+        seg = Predictor(Left(), card(), "cpu", policy=f"project,zoom_out=none,mirror=on,mirror_axes={axes}").predict(c)
+        assert bool((seg == 1).any()) is kept, axes
+
+
 def test_previous_mask_reaches_the_patch_as_float64_nearest_interpolation():
     from infer.geometry import crop_to_patch_nearest
     rng = np.random.default_rng(0)
