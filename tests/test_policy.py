@@ -308,15 +308,16 @@ def test_pseudo_lasso_keeps_refinement_inside_the_coarse_mask():
     assert (on <= coarse).all() and not np.array_equal(coarse, expected)
 
 
+class Left(torch.nn.Module):
+    """Foreground on the lower half of x only: flipping x moves it; the mean is 0.5 -> 0."""
+
+    def forward(self, x):
+        fg = torch.full_like(x[:, 0], -20.0)
+        fg[..., : x.shape[-1] // 2] = 20.0
+        return torch.stack([torch.zeros_like(fg), fg], 1)
+
+
 def test_mirror_averages_the_flips():
-    class Left(torch.nn.Module):
-        """Foreground on the lower half of x only: flipping x moves it; the mean is 0.5 -> 0."""
-
-        def forward(self, x):
-            fg = torch.full_like(x[:, 0], -20.0)
-            fg[..., : x.shape[-1] // 2] = 20.0
-            return torch.stack([torch.zeros_like(fg), fg], 1)
-
     c = case_with(clicks=[{"fg": [[20, 25, 30]], "bg": []}], clicks_order=[["fg"]])
     assert (Predictor(Left(), card(), "cpu", policy="project,zoom_out=none").predict(c) == 1).any()
     assert not (Predictor(Left(), card(), "cpu", policy="project,zoom_out=none,mirror=on").predict(c) == 1).any()
@@ -337,12 +338,6 @@ def test_mirror_axes_choose_the_flips():
 def test_only_the_named_axes_are_flipped():
     """A model whose foreground is the lower half of x: averaged away by any flip set that holds
     x, kept by one that does not."""
-    class Left(torch.nn.Module):
-        def forward(self, x):
-            fg = torch.full_like(x[:, 0], -20.0)
-            fg[..., : x.shape[-1] // 2] = 20.0
-            return torch.stack([torch.zeros_like(fg), fg], 1)
-
     c = case_with(clicks=[{"fg": [[20, 25, 30]], "bg": []}], clicks_order=[["fg"]])
     for axes, kept in (("zy", True), ("z", True), ("x", False), ("yx", False)):
         seg = Predictor(Left(), card(), "cpu", policy=f"project,zoom_out=none,mirror=on,mirror_axes={axes}").predict(c)
