@@ -98,6 +98,10 @@ def normalize_arch(arch: dict) -> dict:
     }
     if min(out["n_blocks_per_stage"] + out["n_conv_per_stage_decoder"]) < 1:
         raise ArchitectureError("every stage needs at least one block / decoder conv")
+    for key in ("features_per_stage", "kernel_sizes", "strides"):
+        flat = [v for entry in out[key] for v in (entry if isinstance(entry, list) else [entry])]
+        if min(flat) < 1:
+            raise ArchitectureError(f"{key} must be >= 1 everywhere, got {out[key]}")
     return out
 
 

@@ -55,8 +55,8 @@ def central_third_box(shape):
 
 def test_card_is_a_small_demo_model(predictor):
     assert predictor.card.demo is True
-    # committed to git: small (the bound the project sets for the demo model is 20 MB)
-    assert (DEMO / "weights.pt").stat().st_size <= 20 * 1024 * 1024
+    # committed to git, so small: at most 20 MB (the committed model: 9.8 MB)
+    assert (DEMO / "weights.pt").stat().st_size <= 20 * 10**6
 
 
 @pytest.mark.slow
@@ -87,9 +87,10 @@ def test_click_centred_start_beats_the_central_third_box(predictor, held_out, sc
 
     fallback = evaluate(with_fallback_box, nobox, n_clicks=1)
     ours = scores["click1_dsc_nobox"]
-    # measured with the committed model and its card's policy: 0.933 against 0.881 (the model
-    # of run 4: 0.928 against 0.854; the model trained on the classic generator alone, with the
-    # `project` policy: 0.768 against 0.115)
+    # measured with the committed model and its card's policy: 0.933 against 0.881, a margin of
+    # 0.052, at the edge of this floor: the better model also makes the fallback box better (the
+    # model of run 4: 0.928 against 0.854; the model trained on the classic generator alone, with
+    # the `project` policy: 0.768 against 0.115)
     assert ours >= fallback["click1_dsc_nobox"] + 0.05, (ours, fallback["click1_dsc_nobox"])
 
 

@@ -100,6 +100,9 @@ def test_scalar_entries_are_expanded_per_stage():
     ({"dropout_op": "torch.nn.Dropout3d"}, "dropout_op"),
     ({"strides": [[1, 1, 1], [2, 2, 2]]}, "strides"),
     ({"kernel_sizes": [[3, 3]] * 4}, "kernel_sizes"),
+    ({"strides": [[1, 1, 1], [1, 0, 2], [2, 2, 2], [2, 2, 2]]}, "strides must be >= 1"),
+    ({"kernel_sizes": [[0, 3, 3]] * 4}, "kernel_sizes must be >= 1"),
+    ({"features_per_stage": [4, 0, 16, 16]}, "features_per_stage must be >= 1"),
     ({"block": "BottleneckD"}, "block"),
 ])
 def test_unsupported_architectures_are_refused_clearly(change, words):

@@ -327,7 +327,8 @@ def test_mirror_axes_choose_the_flips():
     from infer.policy import mirror_flips
     assert mirror_flips(parse_policy("reference")) == [()]
     every = mirror_flips(parse_policy("reference,mirror=on"))  # (B, C, Z, Y, X): z = dim 2
-    assert every[0] == () and sorted(every) == sorted([(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)])
+    # in this order (z fastest): the float sum over the flips, so the results, stay what they were
+    assert every == [(), (2,), (3,), (2, 3), (4,), (2, 4), (3, 4), (2, 3, 4)]
     assert mirror_flips(parse_policy("reference,mirror=on,mirror_axes=yx")) == [(), (3,), (4,), (3, 4)]
     assert mirror_flips(parse_policy("mirror=on,mirror_axes=z")) == [(), (2,)]
     for bad in ("mirror_axes=xy", "mirror_axes=", "mirror_axes=zz", "mirror_axes=t"):

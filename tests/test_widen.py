@@ -32,7 +32,7 @@ def test_the_wide_network_computes_the_narrow_ones_output(tmp_path, factor):
     assert {k: v for k, v in wide_card.architecture.items() if k != "features_per_stage"} == \
         {k: v for k, v in card.architecture.items() if k != "features_per_stage"}
     assert wide_card.patch_size == card.patch_size and wide_card.box_style == card.box_style
-    assert "Widened x%d" % factor in wide_card.source or "widened x%d" % factor in wide_card.source
+    assert wide_card.source.endswith(f"widened x{factor} (python -m train.widen, seed 4)")
     n_narrow = sum(v.numel() for v in load_model(src)[0].parameters())
     n_wide = sum(v.numel() for v in load_model(tmp_path / "wide")[0].parameters())
     assert n_wide > 0.8 * factor ** 2 * n_narrow  # conv weights grow with in x out channels
@@ -60,16 +60,16 @@ def test_the_new_channels_learn(tmp_path):
     widen(src, tmp_path / "wide", 2, seed=1)
     net, _ = load_model(tmp_path / "wide")
     net.train().requires_grad_(True)
-    key = "decoder.stages.0.convs.0.conv.weight"  # reads [up-sampled, skip]: 2 x 16 of 2 x 32 old
+    key = "decoder.stages.0.convs.0.conv.weight"  # reads [up-sampled, skip], each half widened
     w = dict(net.named_parameters())[key]
-    half = w.shape[1] // 2
-    new_inputs = torch.cat([w[:, 16:half], w[:, half + 16:]], dim=1).detach()
+    half, old = w.shape[1] // 2, tiny_arch()["features_per_stage"][-2]  # the skip's old width
+    new_inputs = torch.cat([w[:, old:half], w[:, half + old:]], dim=1).detach()
     assert float(new_inputs.abs().max()) == 0.0
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, target = _x(2), torch.randint(0, 2, (2, *TINY_PATCH), generator=torch.Generator().manual_seed(3))
     torch.nn.functional.cross_entropy(net(x), target).backward()
     opt.step()
-    new_inputs = torch.cat([w[:, 16:half], w[:, half + 16:]], dim=1).detach()
+    new_inputs = torch.cat([w[:, old:half], w[:, half + old:]], dim=1).detach()
     assert float(new_inputs.abs().max()) > 0.0
     net.eval()
     with torch.no_grad():
@@ -88,3 +88,6 @@ def test_factor_one_is_the_same_network_and_bad_factors_are_refused(tmp_path, ca
     assert not (tmp_path / "bad").exists()
     with pytest.raises(ValueError):
         wider_architecture(tiny_arch(), True)
+    assert main([str(src), str(src)]) == 1  # would overwrite its own source
+    assert "is the source folder" in capsys.readouterr().err
+    assert load_model(src)[0].state_dict().keys() == a.keys()

@@ -32,8 +32,9 @@ CONFIGS = {
                               kernels=[[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]),
         "patch_size": [16, 32, 32],
     },
-    # the demo model: 0.61 M parameters (2.4 MB float32), ~0.15 s per batch of 2 on 2 idle CPU
-    # cores (forward + backward)
+    # the demo model's configuration from scratch (runs 1-4 of docs/TRAINING.md): 0.61 M
+    # parameters (2.4 MB float32), ~0.15 s per batch of 2 on 2 idle CPU cores (forward +
+    # backward); the committed weights/demo is this widened x2 (python -m train.widen, run 7)
     "demo": {
         "architecture": _arch([8, 16, 32, 64], [1, 2, 2, 2],
                               [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]]),

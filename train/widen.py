@@ -20,6 +20,7 @@ import argparse
 import copy
 import re
 import sys
+from pathlib import Path
 
 import torch
 
@@ -54,9 +55,9 @@ def widen_state_dict(state_dict: dict, fresh: dict) -> dict:
     """The wide state dict: ``fresh`` (a wide network's initialised state dict, same keys) with
     ``state_dict``'s values at their old positions and zeros wherever a weight reads a new
     channel. Aliased keys (the same tensor under two names) get equal values."""
-    missing = sorted(set(fresh) ^ set(state_dict))
-    if missing:
-        raise ValueError(f"the two networks' parameters differ: {missing[:5]}")
+    differ = sorted(set(fresh) ^ set(state_dict))
+    if differ:
+        raise ValueError(f"the two networks' parameter names differ: {differ[:5]}")
     out = {}
     for key, wide in fresh.items():
         old = state_dict[key]
@@ -86,14 +87,16 @@ def widen_state_dict(state_dict: dict, fresh: dict) -> dict:
 def widen(src, dst, factor: int, policy: str | None = None, seed: int = 0):
     """Write the widened artifact of SRC (release folder or artifact) into DST; returns its card."""
     kind, root = find_model_root(src)
+    if Path(dst).resolve() == root.resolve():
+        raise WeightsError(f"DST {dst} is the source folder; choose another folder")
     sd, card = read_release(root) if kind == "release" else read_artifact(root)
     wide_card = copy.deepcopy(card)
     wide_card.architecture = wider_architecture(card.architecture, factor)
     wide_card.weights_file = "weights.pt"
     if policy is not None:
         wide_card.policy = policy
-    wide_card.source = (f"{card.source} Widened x{factor} (python -m train.widen, seed {seed})."
-                        if card.source else f"widened x{factor} (python -m train.widen, seed {seed})")
+    note = f"widened x{factor} (python -m train.widen, seed {seed})"
+    wide_card.source = f"{card.source.rstrip()}; {note}" if card.source.strip() else note
     try:
         wide_card.validate()
     except CardError as e:
