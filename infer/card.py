@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -168,9 +169,7 @@ def _check_patch_strides(patch, strides) -> None:
     """Every patch axis must be a multiple of the network's total stride along it, or the
     decoder's skip connections do not line up (the first forward pass would fail)."""
     for axis, size in enumerate(patch):
-        total = 1
-        for s in strides:
-            total *= int(s[axis])
+        total = math.prod(int(s[axis]) for s in strides)
         if size % total:
             raise CardError(f"patch_size {list(patch)}: axis {axis} ({size}) is not a multiple of "
                             f"the network's total stride {total}")

@@ -41,14 +41,14 @@ def write_artifact(dst, state_dict: dict, card: ModelCard) -> Path:
     return dst
 
 
-def convert(src, dst, box_style: str | None = None, demo: bool | None = None,
-            patch=None, policy: str | None = None) -> Path:
-    """Convert SRC (release or artifact) into an artifact folder DST; returns DST.
-
-    box_style / demo override the card's values when given (a release defaults to "2d", False);
-    so do ``patch`` (one int for all axes, or three) and ``policy`` (an ``infer.policy`` spec).
-    """
+def read_source(src, dst, box_style: str | None = None, demo: bool | None = None) -> tuple[dict, ModelCard]:
+    """(state dict, card) of SRC, a release folder or an artifact, about to be written as a new
+    artifact into DST (refused when DST is SRC's folder): box_style / demo override the card's
+    values when given (a release defaults to "2d", False); the card's weights file is
+    ``weights.pt``."""
     kind, root = find_model_root(src)
+    if Path(dst).resolve() == root.resolve():
+        raise WeightsError(f"DST {dst} is the source folder; choose another folder")
     if kind == "release":
         sd, card = read_release(root, box_style or "2d", bool(demo))
     else:
@@ -56,9 +56,18 @@ def convert(src, dst, box_style: str | None = None, demo: bool | None = None,
         card.box_style = box_style or card.box_style
         card.demo = card.demo if demo is None else demo
         card.source = card.source or f"artifact {root.name!r}"
-    if Path(dst).resolve() == root.resolve():
-        raise WeightsError(f"DST {dst} is the source folder; choose another folder")
     card.weights_file = "weights.pt"
+    return sd, card
+
+
+def convert(src, dst, box_style: str | None = None, demo: bool | None = None,
+            patch=None, policy: str | None = None) -> Path:
+    """Convert SRC (release or artifact) into an artifact folder DST; returns DST.
+
+    box_style / demo override the card's values when given (``read_source``); so do ``patch``
+    (one int for all axes, or three) and ``policy`` (an ``infer.policy`` spec).
+    """
+    sd, card = read_source(src, dst, box_style, demo)
     if policy is not None:
         card.policy = policy
     if patch is not None:

@@ -20,14 +20,13 @@ import argparse
 import copy
 import re
 import sys
-from pathlib import Path
 
 import torch
 
-from infer.card import CardError, ModelCard
-from infer.convert import write_artifact
+from infer.card import CardError
+from infer.convert import read_source, write_artifact
 from infer.network import build_network
-from infer.weights import WeightsError, find_model_root, read_artifact, read_release
+from infer.weights import WeightsError
 
 _CONCAT = re.compile(r"^decoder\.stages\.\d+\.convs\.0\.")  # reads [up-sampled, skip]
 
@@ -86,21 +85,14 @@ def widen_state_dict(state_dict: dict, fresh: dict) -> dict:
 
 def widen(src, dst, factor: int, policy: str | None = None, seed: int = 0):
     """Write the widened artifact of SRC (release folder or artifact) into DST; returns its card."""
-    kind, root = find_model_root(src)
-    if Path(dst).resolve() == root.resolve():
-        raise WeightsError(f"DST {dst} is the source folder; choose another folder")
-    sd, card = read_release(root) if kind == "release" else read_artifact(root)
+    sd, card = read_source(src, dst)
     wide_card = copy.deepcopy(card)
     wide_card.architecture = wider_architecture(card.architecture, factor)
-    wide_card.weights_file = "weights.pt"
     if policy is not None:
         wide_card.policy = policy
     note = f"widened x{factor} (python -m train.widen, seed {seed})"
     wide_card.source = f"{card.source.rstrip()}; {note}" if card.source.strip() else note
-    try:
-        wide_card.validate()
-    except CardError as e:
-        raise WeightsError(str(e)) from None
+    wide_card.validate()  # CardError before anything is built or written
     torch.manual_seed(seed)
     net = build_network(wide_card.architecture, wide_card.input_channels, wide_card.num_classes)
     wide_sd = widen_state_dict(sd, net.state_dict())
