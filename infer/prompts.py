@@ -294,7 +294,9 @@ def _point_channel(pts: torch.Tensor, weight: torch.Tensor, crop: Crop, shape: O
     plane = (wy[1] - wy[0]) * (wx[1] - wx[0])
     per_out = max(1, -(-S[0] // P[0]))  # crop planes per output plane (upper bound)
     step = max(1, (_SLAB_VOXELS // max(plane, 1) - 2 * h) // per_out)
+    # everything indexed by ``near`` / ``sel`` (device tensors) lives on the device
     rel = pts.to(dev) - clo.to(dev)  # crop-relative click centres
+    weight = weight.to(dev)
     rlo_rel, rhi_rel = (rlo - clo).to(dev), (rhi - clo).to(dev)
     for a0 in range(ob[0][0], ob[0][1], step):
         a1 = min(a0 + step, ob[0][1])
@@ -311,7 +313,7 @@ def _point_channel(pts: torch.Tensor, weight: torch.Tensor, crop: Crop, shape: O
             ok = ((idx >= torch.maximum(w0, rlo_rel)) & (idx < torch.minimum(w1, rhi_rel))).all(2)
             idx = idx - w0
             flat = (idx[..., 0] * dims[1] + idx[..., 1]) * dims[2] + idx[..., 2]
-            v = weight[sel].to(dev)[:, None] * vals[None]
+            v = weight[sel][:, None] * vals[None]
             buf.scatter_reduce_(0, flat[ok], v[ok], "amax")
         buf = buf.view(dims)
         if h:
