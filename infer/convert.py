@@ -21,21 +21,49 @@ from .weights import (WeightsError, find_model_root, instantiate, read_artifact,
                       sha256_file)
 
 
+def share_aliases(net: torch.nn.Module, state_dict: dict) -> dict:
+    """``state_dict`` with every group of aliased entries holding one tensor, so that
+    ``torch.save`` stores it once. The network registers some modules under several names (a
+    block's ``conv`` is also ``all_modules.0``, the decoder keeps the encoder as
+    ``decoder.encoder``), so each parameter has up to four keys; ``net`` (built from the same
+    state dict, e.g. on the meta device) says which keys are one parameter. A checkpoint saved
+    from a module shares these already; one whose entries were copied one by one (``v.cpu()``
+    per key on a GPU) holds separate copies, which would make the artifact ~3.7x larger and
+    slower to load. Copies that differ are refused (WeightsError): the network can hold only
+    one of them."""
+    groups: dict = {}
+    for name, t in [*net.named_parameters(remove_duplicate=False), *net.named_buffers(remove_duplicate=False)]:
+        groups.setdefault(id(t), []).append(name)
+    out = dict(state_dict)
+    for names in groups.values():
+        first = state_dict[names[0]]
+        for name in names[1:]:
+            other = state_dict[name]
+            same = (other.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+                    and other.storage_offset() == first.storage_offset() and other.stride() == first.stride())
+            if not same and not torch.equal(other, first):
+                raise WeightsError(f"aliased entries {names[0]!r} and {name!r} (one parameter of "
+                                   f"the network) hold different values")
+            out[name] = first
+    return out
+
+
 def write_artifact(dst, state_dict: dict, card: ModelCard) -> Path:
     """Write ``state_dict`` and ``card`` (weights_sha256 filled in) into folder ``dst``.
 
     The state dict is checked against the card's architecture first (strict, on the meta device,
-    so nothing is allocated); aliased entries that share storage are stored once.
+    so nothing is allocated); aliased entries are stored once (``share_aliases``).
     """
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
         raise WeightsError("state dict must map names to tensors")
     meta = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state_dict.items()}
-    instantiate(card, meta, device="meta")  # raises WeightsError on any key / shape mismatch
+    net = instantiate(card, meta, device="meta")  # raises WeightsError on any key / shape mismatch
+    state_dict = share_aliases(net, state_dict)
     target = dst / card.weights_file
     with atomic_write(target) as f:
-        torch.save(dict(state_dict), f)
+        torch.save(state_dict, f)
     card.weights_sha256 = sha256_file(target)
     card.save(dst / CARD_FILE)
     return dst

@@ -651,7 +651,9 @@ def section_weights(run: Run) -> dict:
         arch, patch = (FULL_ARCH, FULL_PATCH) if run.args.arch == "full" else (DEMO_ARCH, DEMO_PATCH)
         t = time.perf_counter()
         net = random_network(arch, run.device)
-        sd = {k: v.cpu() for k, v in net.state_dict().items()}
+        # the module moved as a whole keeps its aliased entries sharing storage, as in a checkpoint
+        # saved by nnU-Net (``v.cpu()`` per key would write each parameter up to four times)
+        sd = net.to("cpu").state_dict()
         out["parameters"] = sum(p.numel() for p in net.parameters())
         del net
         release = write_release_folder(run.work / "nnInteractive_v1.0_random", sd, arch, patch)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infer.card import CardError, ModelCard
-from infer.convert import convert, main
+from infer.convert import convert, main, write_artifact
 from infer.weights import WeightsError, load_model
 from tinymodel import IN_CHANNELS, TINY_PATCH, make_artifact, make_release_folder, tiny_arch, tiny_network
 
@@ -158,3 +158,41 @@ def test_card_edited_by_hand_with_a_bad_patch_is_refused_at_load(tmp_path):
     path.write_text(json.dumps(raw))
     with pytest.raises(WeightsError, match=r"axis 1 \(20\) is not a multiple"):
         load_model(src)
+
+
+def _unique_bytes(sd):
+    """Bytes of the distinct storages of a state dict (what torch.save must write at least)."""
+    seen = {}
+    for v in sd.values():
+        seen[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def test_aliases_saved_as_copies_are_stored_once(tmp_path):
+    # The network registers each parameter under up to 4 keys (conv / all_modules.0, encoder /
+    # decoder.encoder). A state dict copied key by key (what `v.cpu()` per key does on a GPU)
+    # holds separate copies: the artifact must still store each parameter once.
+    net = tiny_network(seed=21)
+    shared = net.state_dict()
+    copies = {k: v.clone() for k, v in shared.items()}
+    assert _unique_bytes(copies) > 3 * _unique_bytes(shared)  # the aliasing this test is about
+    card = ModelCard(architecture=net.arch, input_channels=net.input_channels, num_classes=net.num_classes,
+                     patch_size=list(TINY_PATCH), box_style="2d", demo=True)
+    write_artifact(tmp_path / "copies", copies, card)
+    size = (tmp_path / "copies" / "weights.pt").stat().st_size
+    assert size < 1.1 * _unique_bytes(shared) + 64 * 1024, (size, _unique_bytes(shared))
+    loaded, _ = load_model(tmp_path / "copies")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_x()), net(_x()), atol=0, rtol=0)
+
+
+def test_aliases_with_different_values_are_refused(tmp_path):
+    net = tiny_network(seed=22)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    key = next(k for k in sd if ".all_modules.0.weight" in k)
+    sd[key] = sd[key] + 1.0
+    card = ModelCard(architecture=net.arch, input_channels=net.input_channels, num_classes=net.num_classes,
+                     patch_size=list(TINY_PATCH), box_style="2d", demo=True)
+    with pytest.raises(WeightsError, match="aliased entries .* hold different values"):
+        write_artifact(tmp_path / "bad", sd, card)
+    assert not (tmp_path / "bad" / "weights.pt").exists()
