@@ -480,7 +480,7 @@ def write_report(out_dir, report: dict) -> Path:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="scripts/gpu_check.py", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true",
-                   help="fewer repeats, one OOM scenario: a few minutes on an H100-class GPU")
+                   help="fewer repeats, one OOM scenario: about 2 min on an H200 (full mode: about 3 min)")
     p.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.json / gpu_check.txt")
     p.add_argument("--weights", default=None,
                    help="the real nnInteractive v1.0 release folder or a converted artifact "
