@@ -32,20 +32,29 @@ def share_aliases(net: torch.nn.Module, state_dict: dict) -> dict:
     slower to load. Copies that differ are refused (WeightsError): the network can hold only
     one of them."""
     groups: dict = {}
-    for name, t in [*net.named_parameters(remove_duplicate=False), *net.named_buffers(remove_duplicate=False)]:
+    for name, t in net.state_dict(keep_vars=True).items():  # the Parameter objects themselves
         groups.setdefault(id(t), []).append(name)
     out = dict(state_dict)
     for names in groups.values():
         first = state_dict[names[0]]
         for name in names[1:]:
-            other = state_dict[name]
-            same = (other.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-                    and other.storage_offset() == first.storage_offset() and other.stride() == first.stride())
-            if not same and not torch.equal(other, first):
+            if not _same_tensor(state_dict[name], first):
                 raise WeightsError(f"aliased entries {names[0]!r} and {name!r} (one parameter of "
                                    f"the network) hold different values")
             out[name] = first
     return out
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bits (a NaN equals the same NaN): the same view of one storage, or
+    equal contents."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if (a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset() and a.stride() == b.stride()):
+        return True
+    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+    return bool(torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)))
 
 
 def write_artifact(dst, state_dict: dict, card: ModelCard) -> Path:

@@ -181,9 +181,30 @@ def test_aliases_saved_as_copies_are_stored_once(tmp_path):
     write_artifact(tmp_path / "copies", copies, card)
     size = (tmp_path / "copies" / "weights.pt").stat().st_size
     assert size < 1.1 * _unique_bytes(shared) + 64 * 1024, (size, _unique_bytes(shared))
+    assert list(torch.load(tmp_path / "copies" / "weights.pt", weights_only=True)) == list(copies)
     loaded, _ = load_model(tmp_path / "copies")
     with torch.no_grad():
         torch.testing.assert_close(loaded(_x()), net(_x()), atol=0, rtol=0)
+
+
+def test_aliases_compare_by_bits_and_dtype(tmp_path):
+    # a NaN copied is the same value (torch.equal would call it different); a copy in another
+    # dtype is not the same parameter
+    net = tiny_network(seed=23)
+    shared = net.state_dict()
+    sd = {k: v.clone() for k, v in shared.items()}
+    key = next(k for k in sd if k.endswith(".conv.weight"))
+    group = [k for k in shared if shared[k].data_ptr() == shared[key].data_ptr()]  # its aliases
+    assert len(group) > 1
+    for k in group:
+        sd[k].view(-1)[0] = float("nan")
+    twin = group[1]
+    card = ModelCard(architecture=net.arch, input_channels=net.input_channels, num_classes=net.num_classes,
+                     patch_size=list(TINY_PATCH), box_style="2d", demo=True)
+    write_artifact(tmp_path / "nan", sd, card)
+    sd[twin] = sd[twin].half()
+    with pytest.raises(WeightsError, match="hold different values"):
+        write_artifact(tmp_path / "dtype", sd, card)
 
 
 def test_aliases_with_different_values_are_refused(tmp_path):

@@ -1,7 +1,7 @@
 """The CUDA path against the CPU: the predictor's code is the same on both devices, so the bundled
 demo model must give the same masks on each (box stage, click stages with and without a box,
 zoomed crops, refinement, every policy preset). Needs a CUDA device; skipped without one
-(``scripts/gpu_check.py``'s demo section checks the default policy with the image's torch).
+(``scripts/gpu_check.py``'s demo section checks the card's policy with the installed torch).
 
 A tensor left on the wrong device fails only on a real second device (on a CPU-only host every
 tensor is on the CPU), and the predictor turns a failing class into a logged error and its previous
