@@ -74,10 +74,19 @@ def logs(caplog):
 
 
 # ---------------------------------------------------------------- killed while writing
+def _size(path):
+    """Size of ``path`` in bytes; -1 when it is gone (the writer renamed or removed it)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
 @pytest.mark.slow
 def test_process_killed_while_writing_a_large_output_leaves_no_partial_file(tmp_path):
     """A real ``python -m infer`` writing a 256 MB output is SIGKILLed as soon as new bytes show
-    up in the output folder (its temporary file, or the final file changing). The final name
+    up in the output folder (its temporary file holding data, or the final file changing; the
+    empty probe file that checks the folder is writable at start does not count). The final name
     still holds the previous stage's file, intact. (No weights: the case gets its all-zero
     fallback, which goes through the same writer as a prediction.)"""
     shape = (256, 1024, 1024)
@@ -97,7 +106,7 @@ def test_process_killed_while_writing_a_large_output_leaves_no_partial_file(tmp_
         try:
             t_end = time.monotonic() + 120
             while proc.poll() is None and time.monotonic() < t_end:
-                tmp = [n for n in os.listdir(out) if n != "case.npz"]
+                tmp = [n for n in os.listdir(out) if n != "case.npz" and _size(out / n) > 0]
                 st = final.stat()
                 if tmp or (st.st_size, st.st_mtime_ns, st.st_ino) != (old_stat.st_size, old_stat.st_mtime_ns,
                                                                       old_stat.st_ino):
@@ -118,7 +127,7 @@ def test_process_killed_while_writing_a_large_output_leaves_no_partial_file(tmp_
         assert np.array_equal(z["segs"], old)
     assert sorted(p.name for p in out.glob("*.npz")) == ["case.npz"]
     leftovers = [n for n in os.listdir(out) if n != "case.npz"]
-    assert leftovers and all(n.startswith(".tmp-") for n in leftovers)  # hidden, not *.npz
+    assert leftovers and all(n.startswith(".tmp-") and _size(out / n) > 0 for n in leftovers)  # hidden, not *.npz
 
 
 # ---------------------------------------------------------------- device out of memory
