@@ -15,6 +15,7 @@ import torch
 
 from infer.io import read_case
 from infer.predictor import Predictor
+from scripts.gpu_check import dice_per_class
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -69,12 +70,6 @@ def stages():
     return cases + big_object_stages()
 
 
-def dice(a, b, k):
-    x, y = a == k, b == k
-    s = int(x.sum()) + int(y.sum())
-    return 1.0 if s == 0 else 2.0 * int((x & y).sum()) / s
-
-
 def run(pred, case, caplog):
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="infer"):
@@ -110,7 +105,7 @@ def test_cuda_masks_match_the_cpu(cpu_segs, policy, half, caplog):
             assert segs.shape == ref.shape and segs.dtype == ref.dtype
             k = max(len(case["boxes"] or []), len(case["clicks"] or []))
             assert any((ref == c).any() for c in range(1, k + 1)), f"{case['name']}: the CPU found nothing"
-            worst += [(dice(segs, ref, c), case["name"], c) for c in range(1, k + 1)]
+            worst += [(d, case["name"], c) for c, d in dice_per_class(segs, ref, k).items()]
         print(f"policy {policy or 'card'}, {'fp16' if half else 'fp32'}: Dice per class "
               + ", ".join(f"{n}:{c}={d:.4f}" for d, n, c in worst))
         assert min(worst)[0] >= (DICE_MIN_FP16 if half else DICE_MIN_FP32), min(worst)
