@@ -176,8 +176,7 @@ def test_aliases_saved_as_copies_are_stored_once(tmp_path):
     shared = net.state_dict()
     copies = {k: v.clone() for k, v in shared.items()}
     assert _unique_bytes(copies) > 3 * _unique_bytes(shared)  # the aliasing this test is about
-    card = ModelCard(architecture=net.arch, input_channels=net.input_channels, num_classes=net.num_classes,
-                     patch_size=list(TINY_PATCH), box_style="2d", demo=True)
+    card = ModelCard(**_card(box_style="2d", demo=True))
     write_artifact(tmp_path / "copies", copies, card)
     size = (tmp_path / "copies" / "weights.pt").stat().st_size
     assert size < 1.1 * _unique_bytes(shared) + 64 * 1024, (size, _unique_bytes(shared))
@@ -199,8 +198,7 @@ def test_aliases_compare_by_bits_and_dtype(tmp_path):
     for k in group:
         sd[k].view(-1)[0] = float("nan")
     twin = group[1]
-    card = ModelCard(architecture=net.arch, input_channels=net.input_channels, num_classes=net.num_classes,
-                     patch_size=list(TINY_PATCH), box_style="2d", demo=True)
+    card = ModelCard(**_card(box_style="2d", demo=True))
     write_artifact(tmp_path / "nan", sd, card)
     sd[twin] = sd[twin].half()
     with pytest.raises(WeightsError, match="hold different values"):
@@ -212,8 +210,7 @@ def test_aliases_with_different_values_are_refused(tmp_path):
     sd = {k: v.clone() for k, v in net.state_dict().items()}
     key = next(k for k in sd if ".all_modules.0.weight" in k)
     sd[key] = sd[key] + 1.0
-    card = ModelCard(architecture=net.arch, input_channels=net.input_channels, num_classes=net.num_classes,
-                     patch_size=list(TINY_PATCH), box_style="2d", demo=True)
+    card = ModelCard(**_card(box_style="2d", demo=True))
     with pytest.raises(WeightsError, match="aliased entries .* hold different values"):
         write_artifact(tmp_path / "bad", sd, card)
     assert not (tmp_path / "bad" / "weights.pt").exists()
