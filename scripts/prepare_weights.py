@@ -20,8 +20,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from infer.weights import sha256_file
+import torch
+
+from infer.card import DEFAULT_CHANNELS, ModelCard
 from infer.io import atomic_write
+from infer.network import build_network, normalize_arch
+from infer.weights import sha256_file
+from scripts.bench import FULL_ARCH, FULL_PATCH
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "nnInteractive/nnInteractive"
@@ -30,6 +35,7 @@ DEFAULT_DST = ROOT / "weights" / "nninteractive_v1.0"
 RELEASE_FILES = ("plans.json", "dataset.json", "inference_session_class.json",
                  "fold_0/checkpoint_final.pth")
 PROVENANCE = "provenance.json"
+V1_PARAMETERS = 102_355_818  # nnInteractive v1.0 (8 inputs, 2 outputs); tests rebuild it independently
 
 
 class PrepareError(RuntimeError):
@@ -66,6 +72,47 @@ def release_root(src) -> Path:
         return found[0]
     raise PrepareError(f"{src} is not an nnInteractive release folder (no plans.json in it"
                        f"{' or in one sub-folder' if not found else f'; several: {found}'})")
+
+
+def parameter_count(card: ModelCard) -> int:
+    """Parameters of the network the card describes (built on the meta device: no memory)."""
+    with torch.device("meta"):
+        net = build_network(card.architecture, card.input_channels, card.num_classes)
+    return sum(p.numel() for p in net.parameters())
+
+
+def release_checks(src: Path, card: ModelCard, expect_sha256: str | None) -> list[tuple[str, str]]:
+    """What can be checked of a converted release, as (status, text) rows; status is "ok",
+    "differs" (not the published v1.0: fine for a fine-tuned model, worth a look otherwise) or
+    "not checked" (nothing here can tell)."""
+    rows = []
+    absent = [f for f in RELEASE_FILES if not (src / f).is_file()]
+    rows.append(("ok", "layout: " + ", ".join(RELEASE_FILES)) if not absent else
+                ("differs", f"layout: {', '.join(absent)} absent (the converter's defaults are used)"))
+    v1 = normalize_arch(FULL_ARCH)
+    diff = [k for k in v1 if card.architecture.get(k) != v1[k]]
+    rows.append(("ok", "architecture: nnInteractive v1.0's residual-encoder U-Net (ResEnc-L, 6 stages, "
+                       "features 32-64-128-256-320-320)") if not diff else
+                ("differs", f"architecture: not nnInteractive v1.0's ({', '.join(diff)} differ)"))
+    patch = tuple(card.patch_size)
+    rows.append(("ok" if patch == tuple(FULL_PATCH) else "differs",
+                 f"patch size: {'x'.join(map(str, patch))} (v1.0: {'x'.join(map(str, FULL_PATCH))})"))
+    layout = tuple(card.channels) == DEFAULT_CHANNELS and card.num_classes == 2
+    rows.append(("ok" if layout else "differs",
+                 f"channels: {card.input_channels} in ({', '.join(card.channels)}), {card.num_classes} out"))
+    n, n_v1 = parameter_count(card), V1_PARAMETERS
+    rows.append(("ok" if n == n_v1 else "differs",
+                 f"parameters: {n:,} (v1.0: {n_v1:,}); every tensor matched the architecture"))
+    rows.append(("ok", f"prompts: {card.box_style} boxes, click radius {card.click_radius:g}, "
+                       f"decay {card.prompt_decay:g}"))
+    if expect_sha256:
+        rows.append(("ok", "checkpoint sha256: equals --expect-sha256"))
+    else:
+        rows.append(("not checked", "that this is the published checkpoint, byte for byte (no hash "
+                                    "was given: pass --expect-sha256 with the hash you trust)"))
+    rows.append(("not checked", "segmentation quality (score it: python -m evaluation ... --weights DST)"))
+    rows.append(("not checked", "the GPU path and its memory (on a GPU host: bash scripts/gpu_check.sh --quick)"))
+    return rows
 
 
 def convert(src: Path, dst: Path, box_style: str) -> None:
@@ -123,6 +170,8 @@ def prepare(dst, source=None, repo_id: str = REPO_ID, model: str = MODEL, revisi
             "converted_with": "python -m infer.convert SRC DST --box-style " + box_style,
             "prepared_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
+        record["checks"] = [{"status": st, "check": text} for st, text in
+                            release_checks(src, ModelCard.load(tmp / "model_card.json"), expect_sha256)]
         (tmp / PROVENANCE).write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -148,6 +197,8 @@ def main(argv=None) -> int:
         print(f"prepare_weights: error: {e}", file=sys.stderr)
         return 1
     dst = Path(args.dst)
+    for row in record["checks"]:
+        print(f"{row['status']:>11}  {row['check']}")
     for name, sha in record["release_sha256"].items():
         print(f"release  {sha}  {name}")
     print(f"artifact {record['weights_sha256']}  {dst / record['weights_file']}")

@@ -101,3 +101,60 @@ def test_hub_missing_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails
     assert prepare_weights.main(["--dst", str(tmp_path / "w")]) == 1
     assert "needs huggingface_hub" in capsys.readouterr().err
+
+
+def _card(arch, patch, channels=8):
+    from infer.card import DEFAULT_CHANNELS, ModelCard
+    from infer.network import normalize_arch
+    return ModelCard(architecture=normalize_arch(arch), input_channels=channels, num_classes=2,
+                     patch_size=tuple(patch), channels=DEFAULT_CHANNELS[:channels])
+
+
+def test_v1_parameter_count_matches_the_reference_network():
+    """The release check's v1.0 figure, rebuilt with nnU-Net's own architecture package."""
+    unet = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    from tests.tinymodel import nninteractive_v1_arch
+    kw = dict(nninteractive_v1_arch()["arch_kwargs"])
+    kw.update(conv_op=torch.nn.Conv3d, norm_op=torch.nn.InstanceNorm3d, nonlin=torch.nn.LeakyReLU)
+    with torch.device("meta"):
+        ref = unet.ResidualEncoderUNet(input_channels=8, num_classes=2, **kw)
+    assert sum(p.numel() for p in ref.parameters()) == prepare_weights.V1_PARAMETERS
+
+
+def test_release_checks_pass_the_v1_layout_and_say_what_is_unchecked(tmp_path):
+    from tests.tinymodel import nninteractive_v1_arch
+    make_release_folder(tmp_path / "rel")  # only the files' presence is read here
+    arch = nninteractive_v1_arch()["arch_kwargs"]
+    rows = prepare_weights.release_checks(tmp_path / "rel", _card(arch, (192, 192, 192)), None)
+    status = {text.split(":")[0]: st for st, text in rows}
+    assert all(status[k] == "ok" for k in ("layout", "architecture", "patch size", "channels",
+                                          "parameters", "prompts"))
+    unchecked = [text for st, text in rows if st == "not checked"]
+    assert any("--expect-sha256" in t for t in unchecked)
+    assert any("quality" in t for t in unchecked) and any("GPU" in t for t in unchecked)
+    with_hash = prepare_weights.release_checks(tmp_path / "rel", _card(arch, (192,) * 3), "ab" * 32)
+    assert not any("--expect-sha256" in t for st, t in with_hash if st == "not checked")
+
+
+def test_release_checks_name_what_differs_from_v1(tmp_path):
+    from tests.tinymodel import tiny_arch
+    rel = make_release_folder(tmp_path / "rel")
+    (rel / "inference_session_class.json").unlink()
+    rows = dict((text.split(":")[0], (st, text)) for st, text in
+                prepare_weights.release_checks(rel, _card(tiny_arch(), (16, 32, 32)), None))
+    assert rows["layout"][0] == "differs" and "inference_session_class.json" in rows["layout"][1]
+    assert rows["architecture"][0] == "differs" and "features_per_stage" in rows["architecture"][1]
+    assert rows["patch size"] == ("differs", "patch size: 16x32x32 (v1.0: 192x192x192)")
+    assert rows["parameters"][0] == "differs"
+
+
+@pytest.mark.slow
+def test_checks_are_printed_and_recorded(tmp_path, capsys):
+    make_release_folder(tmp_path / "rel")
+    dst = tmp_path / "out"
+    assert prepare_weights.main(["--source", str(tmp_path / "rel"), "--dst", str(dst)]) == 0
+    out = capsys.readouterr().out
+    record = json.loads((dst / "provenance.json").read_text())
+    assert {c["status"] for c in record["checks"]} == {"ok", "differs", "not checked"}
+    for c in record["checks"]:
+        assert c["check"] in out
