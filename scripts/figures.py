@@ -92,7 +92,7 @@ def render(text: str, folder: Path, index: Dict[str, dict], doc: Path = ROOT / "
         if name not in BLOCKS:
             raise KeyError(f"unknown figures block {name!r}; known: {sorted(BLOCKS)}")
         body = BLOCKS[name](folder, index)
-        if doc.parent.name == "docs":
+        if Path(doc).resolve().parent == (ROOT / "docs").resolve():
             body = body.replace("](docs/", "](")
         return m.group(1) + body + m.group(4)
     return _BLOCK.sub(one, text)
