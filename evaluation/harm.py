@@ -135,6 +135,7 @@ def draw_harm_panels(ax_steps, ax_cases, results: List) -> None:
                        "pooled over cases and classes")
     ax_steps.set_xticklabels([f"{s}\n(stage {i + 1}->{i + 2})" for i, s in enumerate(labels)], fontsize=8)
     ax_steps.grid(axis="y", alpha=0.3)
+    _say_if_empty(ax_steps, int(np.sum(harmful)), int(np.sum(counted)))
 
     names = [Path(r.name).stem for r in results]
     xc = np.arange(len(results))
@@ -149,3 +150,15 @@ def draw_harm_panels(ax_steps, ax_cases, results: List) -> None:
     ax_cases.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
     ax_cases.legend(fontsize=7, loc="upper right")
     ax_cases.grid(axis="y", alpha=0.3)
+    if not any(np.isfinite(v) and v > 0 for v in case_rates + final):
+        steps = sum(click_harm(r.class_dsc, r.ran)[1] for r in results)
+        _say_if_empty(ax_cases, 0, steps, "no click harm and no final drop")
+
+
+def _say_if_empty(ax, harmful: int, steps: int, text: str = "no click harm") -> None:
+    """Write in the middle of a harm panel whose bars are all 0 why it is empty: ``text`` (with
+    the number of class steps counted), or "no click steps" when there were none."""
+    if harmful:
+        return
+    message = f"{text}\n(0 of {steps} class steps)" if steps else "no click steps"
+    ax.text(0.5, 0.5, message, transform=ax.transAxes, ha="center", va="center", fontsize=11, color="0.35")

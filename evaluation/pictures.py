@@ -5,18 +5,21 @@
 
 - box stage: the slice ``z_mid`` of the organizer's box rule, taken from the ground truth (the z
   of the class's middle voxel in C order, ``np.where(gts == c)[0][n // 2]``; the box jitter moves
-  only y and x, so this is the box's ``z_mid`` without reading ``boxes``); a case without boxes
-  shows that slice with the note "skipped";
+  only y and x, so this is the box's ``z_mid``), with the class's 2D box drawn when the case's
+  ``boxes`` are given (solid on ``z_mid``, dotted on another slice of ``z_min..z_max``); a case
+  without boxes shows that slice with the note "skipped";
 - click stage k: the slice through the class's newest click (the one placed before stage k and
   answered by its output); when the class got no click (already perfect, ``None``) the row keeps
   the previous column's slice.
 
-Each panel shows the image slice in grey, the ground-truth outline of every class present in the
-slice (solid) and the stage's prediction outline (dashed), both in the class's colour, the newest
-click of the row's class (foreground: filled circle, background: cross; earlier clicks of the class
-on the same slice smaller and faded), and in its title the class's Dice and its change from the
-previous stage (red when the step is harmful, ``evaluation.harm``). The row's own class is drawn
-last and thicker. Slices are drawn with the (y, x) aspect of ``spacing``.
+Each panel shows the image slice in grey; the row's class's errors as filled overlays, false
+positives (predicted, not in the truth) in ``FP_COLOUR`` and false negatives (truth missed) in
+``FN_COLOUR``; the ground-truth outline of the row's class (``TRUTH_COLOUR``) and, thin and grey,
+of the other classes in the slice; above all of them the class's clicks on that slice as small
+hollow markers (foreground: circle, background: square; earlier clicks smaller and fainter), so
+that they never hide a small structure. The title gives the class's Dice and its change from the
+previous stage (red when the step is harmful, ``evaluation.harm``). Slices are drawn with the
+(y, x) aspect of ``spacing``; the legend at the bottom names every mark.
 """
 from __future__ import annotations
 
@@ -28,9 +31,22 @@ import numpy as np
 from .clicks import class_labels
 from .harm import HARM_THRESHOLD
 
-__all__ = ["centre_slice", "stage_slices", "draw_case", "draw_case_from_files", "draw_picture"]
+__all__ = ["centre_slice", "stage_slices", "error_overlay", "box_rectangle", "render_case", "draw_case",
+           "draw_case_from_files", "draw_picture", "LEGEND"]
 
 STAGE_NAMES = ["box"] + [f"click {k}" for k in range(1, 6)]
+
+# RGB in 0..1; chosen apart from each other and from the grey image
+FP_COLOUR = (1.0, 0.25, 0.1)     # red-orange: predicted, not in the truth
+FN_COLOUR = (0.1, 0.55, 1.0)     # blue: in the truth, missed
+OVERLAY_ALPHA = 0.6
+TRUTH_COLOUR = (1.0, 0.9, 0.0)   # yellow outline: the row's class's ground truth
+OTHER_COLOUR = (0.75, 0.75, 0.75)  # other classes' ground truth
+BOX_COLOUR = (1.0, 1.0, 1.0)     # the box prompt
+FG_COLOUR = (0.0, 1.0, 0.0)      # foreground click (hollow circle)
+BG_COLOUR = (1.0, 0.0, 1.0)      # background click (hollow square)
+LEGEND = ["false positive", "false negative", "ground truth", "other classes' truth", "box",
+          "fg click", "bg click"]
 
 
 def centre_slice(mask: np.ndarray) -> int:
@@ -48,15 +64,33 @@ def stage_slices(z_box: int, clicks: Sequence) -> List[int]:
     return out
 
 
-def _colour(i: int):
-    import matplotlib.pyplot as plt
-    return plt.get_cmap("tab10")(i % 10)
+def error_overlay(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """(H, W, 4) float RGBA of one slice's errors: ``FP_COLOUR`` where ``pred & ~truth``,
+    ``FN_COLOUR`` where ``truth & ~pred`` (both at ``OVERLAY_ALPHA``), transparent elsewhere."""
+    truth, pred = np.asarray(truth, bool), np.asarray(pred, bool)
+    out = np.zeros(truth.shape + (4,), np.float32)
+    out[pred & ~truth] = FP_COLOUR + (OVERLAY_ALPHA,)
+    out[truth & ~pred] = FN_COLOUR + (OVERLAY_ALPHA,)
+    return out
 
 
-def _outline(ax, mask2d: np.ndarray, colour, style: str, width: float) -> None:
+def box_rectangle(box: Optional[dict], z: int):
+    """The outline of an organizer box dict (inclusive) on slice ``z``: ``(x0, y0, width, height,
+    solid)`` in imshow's data coordinates (voxel edges: ``x_min - 0.5`` .. ``x_max + 0.5``),
+    ``solid`` True on ``z_mid``; None when there is no box or ``z`` is outside ``z_min..z_max``."""
+    if not box:
+        return None
+    zmid = int(box["z_mid"])
+    if not int(box.get("z_min", zmid)) <= z <= int(box.get("z_max", zmid)):
+        return None
+    y0, y1 = sorted((int(box["z_mid_y_min"]), int(box["z_mid_y_max"])))
+    x0, x1 = sorted((int(box["z_mid_x_min"]), int(box["z_mid_x_max"])))
+    return x0 - 0.5, y0 - 0.5, x1 - x0 + 1, y1 - y0 + 1, z == zmid
+
+
+def _outline(ax, mask2d: np.ndarray, colour, width: float, zorder: float = 3) -> None:
     if mask2d.any() and not mask2d.all():
-        ax.contour(mask2d.astype(np.float32), levels=[0.5], colors=[colour], linestyles=style,
-                   linewidths=width)
+        ax.contour(mask2d.astype(np.float32), levels=[0.5], colors=[colour], linewidths=width, zorder=zorder)
 
 
 def _grey(imgs: np.ndarray):
@@ -66,21 +100,34 @@ def _grey(imgs: np.ndarray):
     return float(lo), float(max(hi, lo + 1e-6))
 
 
-def draw_case(result, imgs: np.ndarray, gts: np.ndarray, spacing, segs_by_stage: Sequence[Optional[np.ndarray]],
-              path, max_classes: int = 6, dpi: int = 80) -> Path:
-    """Write the picture of one case.
+def _legend_handles():
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    return [Patch(facecolor=FP_COLOUR, alpha=OVERLAY_ALPHA, label=LEGEND[0]),
+            Patch(facecolor=FN_COLOUR, alpha=OVERLAY_ALPHA, label=LEGEND[1]),
+            Line2D([], [], color=TRUTH_COLOUR, label=LEGEND[2]),
+            Line2D([], [], color=OTHER_COLOUR, lw=0.8, label=LEGEND[3]),
+            Patch(facecolor="none", edgecolor="0.2", label=LEGEND[4]),
+            Line2D([], [], color=FG_COLOUR, marker="o", markerfacecolor="none", ls="none", label=LEGEND[5]),
+            Line2D([], [], color=BG_COLOUR, marker="s", markerfacecolor="none", ls="none", label=LEGEND[6])]
+
+
+def render_case(result, imgs: np.ndarray, gts: np.ndarray, spacing, segs_by_stage: Sequence[Optional[np.ndarray]],
+                boxes: Optional[Sequence[dict]] = None, max_classes: int = 6):
+    """The picture of one case as a matplotlib Figure (Agg); :func:`draw_case` saves it.
 
     Args:
         result: the case's ``CaseResult`` (``clicks``, ``class_dsc``, ``ran``, ``has_boxes``).
         imgs, gts: (D, H, W) image and ground-truth label map.
         spacing: (z, y, x) in mm.
         segs_by_stage: six (D, H, W) label maps, None for a stage that did not run.
-        path: the PNG to write (its folder is created).
+        boxes: the case's organizer box dicts (class k at index k - 1), or None.
+    Returns ``(fig, axes)``, axes (rows, stages).
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
+    from matplotlib.patches import Rectangle
 
     labels = class_labels(gts)
     rows = min(len(labels), max_classes)
@@ -92,18 +139,29 @@ def draw_case(result, imgs: np.ndarray, gts: np.ndarray, spacing, segs_by_stage:
     fig, axes = plt.subplots(rows, n_stages, figsize=(size * n_stages, size * rows * h / w * aspect + 0.9),
                              squeeze=False, constrained_layout=True)
     for i in range(rows):
-        c = labels[i]
+        c = int(labels[i])
         clicks = [stage[i] if i < len(stage) else None for stage in result.clicks]
         zs = stage_slices(centre_slice(gts == c), clicks)
+        box = boxes[c - 1] if boxes is not None and c - 1 < len(boxes) else None
         for s in range(n_stages):
             ax = axes[i, s]
             z = zs[min(s, len(zs) - 1)]
             ax.imshow(imgs[z], cmap="gray", vmin=vmin, vmax=vmax, aspect=aspect, interpolation="nearest")
-            for j in [j for j in range(len(labels)) if j != i] + [i]:  # the row's class on top
-                wide = 0.6 if j == i else 0.0
-                _outline(ax, gts[z] == labels[j], _colour(j), "solid", 1.3 + wide)
-                if segs_by_stage[s] is not None:
-                    _outline(ax, segs_by_stage[s][z] == labels[j], _colour(j), "dashed", 1.1 + wide)
+            truth = gts[z] == c
+            if segs_by_stage[s] is not None:
+                ax.imshow(error_overlay(truth, segs_by_stage[s][z] == c), aspect=aspect,
+                          interpolation="nearest", zorder=2)
+            for j in range(len(labels)):
+                if j != i:
+                    _outline(ax, gts[z] == labels[j], OTHER_COLOUR, 0.8)
+            _outline(ax, truth, TRUTH_COLOUR, 1.2, zorder=4)
+            rect = box_rectangle(box, z) if s == 0 else None
+            if rect is not None:
+                x0, y0, bw, bh, solid = rect
+                ax.add_patch(Rectangle((x0, y0), bw, bh, fill=False, edgecolor=BOX_COLOUR, lw=1.2,
+                                       ls="solid" if solid else "dotted", zorder=5))
+            ax.set_xlim(-0.5, w - 0.5)
+            ax.set_ylim(h - 0.5, -0.5)
             ax.set_xticks([])
             ax.set_yticks([])
             colour = "black"
@@ -117,19 +175,23 @@ def draw_case(result, imgs: np.ndarray, gts: np.ndarray, spacing, segs_by_stage:
                     text += f" ({delta:+.3f})"
                     colour = "red" if -delta > HARM_THRESHOLD + 1e-9 else "black"
                 if s > 0:
-                    text += _mark_clicks(ax, clicks[:s], z, _colour(i))
+                    text += _mark_clicks(ax, clicks[:s], z)
             ax.set_title(text, fontsize=7, color=colour)
-        axes[i, 0].set_ylabel(f"class {int(c)}", color=_colour(i), fontsize=9)
-    handles = [Line2D([], [], color="0.3", ls="solid", label="ground truth"),
-               Line2D([], [], color="0.3", ls="dashed", label="prediction"),
-               Line2D([], [], color="0.3", marker="o", ls="none", markeredgecolor="white", label="fg click"),
-               Line2D([], [], color="0.3", marker="X", ls="none", markeredgecolor="black", label="bg click")]
+        axes[i, 0].set_ylabel(f"class {c}", fontsize=9)
     more = f" (first {rows} of {len(labels)} classes)" if rows < len(labels) else ""
     fig.suptitle(f"{Path(result.name).stem}: DSC per stage "
                  + " ".join(f"{v:.3f}" for v in result.dsc) + more, fontsize=9)
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=7, frameon=False,
+    fig.legend(handles=_legend_handles(), loc="lower center", ncol=len(LEGEND), fontsize=7, frameon=False,
                bbox_to_anchor=(0.5, 0.0))
-    fig.get_layout_engine().set(rect=(0, 0.04, 1, 0.96))
+    fig.get_layout_engine().set(rect=(0, 0.05, 1, 0.95))
+    return fig, axes
+
+
+def draw_case(result, imgs: np.ndarray, gts: np.ndarray, spacing, segs_by_stage: Sequence[Optional[np.ndarray]],
+              path, max_classes: int = 6, dpi: int = 80, boxes: Optional[Sequence[dict]] = None) -> Path:
+    """Write the picture of one case (:func:`render_case`) to ``path`` (its folder is created)."""
+    import matplotlib.pyplot as plt
+    fig, _ = render_case(result, imgs, gts, spacing, segs_by_stage, boxes=boxes, max_classes=max_classes)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -137,33 +199,37 @@ def draw_case(result, imgs: np.ndarray, gts: np.ndarray, spacing, segs_by_stage:
     return path
 
 
-def _mark_clicks(ax, clicks: Sequence, z: int, colour) -> str:
-    """Draw this class's clicks lying on slice ``z`` (the newest large, earlier ones small and
-    faded); return the title suffix of the newest click."""
+def _mark_clicks(ax, clicks: Sequence, z: int) -> str:
+    """Draw this class's clicks lying on slice ``z`` (the newest larger, earlier ones smaller and
+    fainter), above every outline and overlay; return the title suffix of the newest click."""
     newest = clicks[-1] if clicks else None
     for click in clicks[:-1]:
         if click is not None and click.zyx[0] == z:
-            _marker(ax, click, colour, 50, 0.5)
+            _marker(ax, click, 16, 0.6)
     if newest is None:
         return "\nno click (class perfect)"
-    _marker(ax, newest, colour, 140, 1.0)
+    _marker(ax, newest, 36, 1.0)
     return f"\n{newest.kind} click at {tuple(int(v) for v in newest.zyx)}"
 
 
-def _marker(ax, click, colour, size, alpha) -> None:
+def _marker(ax, click, size, alpha) -> None:
+    """A small hollow marker centred on the click's voxel: the voxel itself stays visible."""
     _, y, x = click.zyx
-    if click.kind == "fg":
-        ax.scatter([x], [y], s=size, marker="o", c=[colour], edgecolors="white", linewidths=1.5,
-                   alpha=alpha, zorder=5)
-    else:
-        ax.scatter([x], [y], s=size, marker="X", c=[colour], edgecolors="black", linewidths=1.0,
-                   alpha=alpha, zorder=5)
+    fg = click.kind == "fg"
+    ax.scatter([x], [y], s=size, marker="o" if fg else "s", facecolors="none",
+               edgecolors=[FG_COLOUR if fg else BG_COLOUR], linewidths=1.2, alpha=alpha, zorder=6)
 
 
 def draw_case_from_files(result, image_path, gts_path, segs: Sequence[np.ndarray], path, **kw) -> Path:
-    """:func:`draw_case` reading ``imgs`` / ``spacing`` (plain arrays only, never ``boxes``) from
-    the image file and ``gts`` from ``gts_path`` (or the image file when None). ``segs``: the
-    outputs of the stages that ran, in order (``evaluate_case(keep_segs=True)``)."""
+    """:func:`draw_case` reading ``imgs`` / ``spacing`` (plain arrays) and ``boxes`` (through
+    ``infer.io.read_case``'s restricted unpickler) from the image file and ``gts`` from
+    ``gts_path`` (or the image file when None). ``segs``: the outputs of the stages that ran, in
+    order (``evaluate_case(keep_segs=True)``)."""
+    from infer.io import read_case
+    boxes = read_case(image_path, keys=("boxes",))["boxes"] if result.has_boxes else None
+    if boxes is not None:
+        boxes = [b if isinstance(b, dict) else None for b in boxes]  # an unusable entry: no box drawn
+    kw.setdefault("boxes", boxes)
     with np.load(image_path, allow_pickle=False) as f:
         imgs, spacing = f["imgs"], f["spacing"]
         gts = f["gts"] if gts_path is None else None

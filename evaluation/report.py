@@ -25,7 +25,7 @@ from .harm import click_harm, draw_harm_panels, final_drop_from_best, harm_rate
 from .runner import N_STAGES, CaseResult
 
 __all__ = ["COLUMNS", "case_row", "write_csv", "summary_line", "split_summary_line", "kind_means",
-           "error_summary", "plot_report"]
+           "error_summary", "kind_stage_means", "plot_stage_scores", "plot_report"]
 
 ORGANIZER_COLUMNS = (["CaseName", "TotalRunningTime"]
                      + [f"RunningTime_{k}" for k in range(1, N_STAGES + 1)]
@@ -165,48 +165,71 @@ def _wrap(text: str) -> str:
     return " | ".join(parts[:4]) + ("\n" + " | ".join(parts[4:]) if len(parts) > 4 else "")
 
 
-def _stage_means(values: np.ndarray, has_boxes) -> np.ndarray:
-    """Mean per stage over cases, NaN skipped; the box stage only over cases that have boxes."""
-    with np.errstate(all="ignore"):
-        mean = np.array([_nanmean(col) for col in values.T])
-        boxed = values[np.asarray(has_boxes, bool), 0]
-        mean[0] = _nanmean(boxed) if boxed.size else np.nan
-    return mean
+def kind_stage_means(values: np.ndarray, has_boxes) -> dict:
+    """Mean per stage over the cases of each kind, NaN skipped: ``{True: (6,) over the cases with
+    boxes, False: (6,) over those without (the skipped box stage NaN)}``; a kind without cases is
+    left out. Kept apart so that no mean changes its set of cases between stages (one mean over
+    all cases would jump at click 1, where the no-box cases join)."""
+    values = np.asarray(values, dtype=float).reshape(len(has_boxes), -1)
+    boxed = np.asarray(has_boxes, bool)
+    out = {}
+    for kind, rows in ((True, values[boxed]), (False, values[~boxed])):
+        if len(rows):
+            with np.errstate(all="ignore"):
+                mean = np.array([_nanmean(col) for col in rows.T])
+            if not kind:
+                mean[0] = np.nan
+            out[kind] = mean
+    return out
+
+
+MEAN_STYLES = {True: ("-o", "mean, box cases"), False: ("--s", "mean, no-box cases")}
+
+
+def plot_stage_scores(ax, results: List[CaseResult], key: str = "dsc", name: str = "DSC") -> None:
+    """One report panel: ``key`` ("dsc" or "nsd") per stage, one thin line per case (a skipped box
+    stage is not drawn), and in bold black the mean of the box cases and, apart, of the no-box
+    cases (``kind_stage_means``), each labelled with its number of cases."""
+    import matplotlib.pyplot as plt
+    stages = np.arange(1, N_STAGES + 1)
+    labels = ["box"] + [f"click {k}" for k in range(1, N_STAGES)]
+    cmap = plt.get_cmap("tab10" if len(results) <= 10 else "viridis")
+    colors = [cmap(i / max(len(results) - 1, 1)) if len(results) > 10 else cmap(i)
+              for i in range(len(results))]
+    values = np.array([getattr(r, key) for r in results], dtype=float).reshape(len(results), -1)
+    for r, v, c in zip(results, values, colors):
+        start = 0 if r.has_boxes else 1  # a skipped box stage is scored 0: not drawn
+        ax.plot(stages[start:], v[start:], "-o", color=c, lw=1, ms=3, alpha=0.7,
+                label=Path(r.name).stem if len(results) <= 10 else None)
+    has_boxes = [bool(r.has_boxes) for r in results]
+    for kind, mean in kind_stage_means(values, has_boxes).items():
+        style, label = MEAN_STYLES[kind]
+        n = sum(h == kind for h in has_boxes)
+        start = 0 if kind else 1
+        ax.plot(stages[start:], mean[start:], style, color="black", lw=2.5, ms=5, label=f"{label} ({n})")
+    ax.axvspan(1.5, N_STAGES + 0.5, color="0.93", zorder=0)
+    ax.text(1.6, 0.97, "AUC stages", ha="left", va="top", fontsize=8, color="0.4")
+    ax.set(xticks=stages, xticklabels=labels, ylim=(0, 1.02), xlim=(0.5, N_STAGES + 0.5),
+           ylabel=name, title=f"{name} per stage")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
 
 
 def plot_report(results: List[CaseResult], path, title: str = "") -> None:
-    """report.png: DSC and NSD per stage (one thin line per case, mean in bold; a skipped box
-    stage is not drawn nor averaged), time per stage (stacked bar per case with its 90 s x K
+    """report.png: DSC and NSD per stage (``plot_stage_scores``: one thin line per case, the means
+    of box and of no-box cases in bold, apart), time per stage (stacked bar per case with its 90 s x K
     budget), each case's AUCs and final scores, and the click harm (``evaluation.harm``): per step
     position, and per case with the final drop from the best click stage."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = np.arange(1, N_STAGES + 1)
     labels = ["box"] + [f"click {k}" for k in range(1, N_STAGES)]
     names = [Path(r.name).stem for r in results]
     fig, axes = plt.subplots(3, 2, figsize=(14, 13.5), constrained_layout=True)
     fig.suptitle(_wrap(title or f"{len(results)} cases"), fontsize=12)
-    cmap = plt.get_cmap("tab10" if len(results) <= 10 else "viridis")
-    colors = [cmap(i / max(len(results) - 1, 1)) if len(results) > 10 else cmap(i)
-              for i in range(len(results))]
-
     for ax, key, name in ((axes[0, 0], "dsc", "DSC"), (axes[0, 1], "nsd", "NSD (2 mm)")):
-        values = np.array([getattr(r, key) for r in results], dtype=float).reshape(len(results), -1)
-        for r, v, c in zip(results, values, colors):
-            start = 0 if r.has_boxes else 1  # a skipped box stage is scored 0: not drawn
-            ax.plot(stages[start:], v[start:], "-o", color=c, lw=1, ms=3, alpha=0.7,
-                    label=Path(r.name).stem if len(results) <= 10 else None)
-        if len(results):
-            mean = _stage_means(values, [r.has_boxes for r in results])
-            ax.plot(stages, mean, "-o", color="black", lw=2.5, label="mean")
-        ax.axvspan(1.5, N_STAGES + 0.5, color="0.93", zorder=0)
-        ax.text(1.6, 0.97, "AUC stages", ha="left", va="top", fontsize=8, color="0.4")
-        ax.set(xticks=stages, xticklabels=labels, ylim=(0, 1.02), xlim=(0.5, N_STAGES + 0.5),
-               ylabel=name, title=f"{name} per stage")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right", ncol=2)
+        plot_stage_scores(ax, results, key, name)
 
     ax = axes[1, 0]
     times = np.array([r.times for r in results], dtype=float).reshape(len(results), -1)

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # CI, real Docker: make Docker usable, then run the image's end-to-end test, which builds the
 # demo image with ./build.sh --demo, loads the tarball, runs every sample case's stages with the
-# organizer's command through `python -m evaluation --docker`, and checks the image.
+# organizer's command through `python -m evaluation --docker`, and checks the image, including
+# `python -m scripts.server_check --image` on it: the image's torch build has kernels for the
+# evaluation server's GPU (compute capability 7.5) and runs on its CUDA 12.1 driver, and no
+# bfloat16 is used (no GPU needed; the result lines are in the test's summary).
 # Needs root on a machine without Docker (the set-up installs and starts it) and the venv that
 # .ci/run makes (.venv; PYTHON overrides). Prints how long each part took.
 #   usage: bash scripts/ci_docker.sh [DOCKER_SETUP_SCRIPT]

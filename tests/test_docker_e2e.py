@@ -12,7 +12,9 @@ organizer does (image name from the tarball name); then:
   command line, every output is present and valid, and every per-stage score equals the score of
   the same model run without Docker (``python -m evaluation`` cold mode, same weights, CPU);
 - one stage runs with ``--network none``;
-- cold-start timings on CPU, as ratios to ``docker run IMAGE python -c "import torch"``.
+- cold-start timings on CPU, as ratios to ``docker run IMAGE python -c "import torch"``;
+- ``scripts/server_check.py --image``: the image's torch runs on the evaluation server's GPU
+  (compute capability 7.5) and CUDA 12.1 driver, and its infer/ uses no bfloat16.
 
 Numbers are printed in the terminal summary, with how long the whole image test took.
 """
@@ -254,6 +256,18 @@ def test_predictor_in_the_image_imports_nothing_else(image, tmp_path):
     assert imported["infer"].startswith("/workspace/infer/")
     assert (outputs / case.name).is_file()
     report(f"modules the predictor imported in the image, besides the standard library: {sorted(imported)}")
+
+
+def test_image_torch_runs_on_the_evaluation_server(image):
+    """scripts/server_check.py on the built image (no GPU needed): its torch build carries SASS
+    for compute capability 7.5 (Quadro RTX 5000) and 9.0, its CUDA 12.x runtime runs on the
+    server's CUDA 12.1 driver, and the image's infer/ uses no bfloat16."""
+    r = subprocess.run([sys.executable, "-m", "scripts.server_check", "--image", image["tag"]], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    for line in r.stdout.splitlines()[1:]:
+        report(f"server check: {line}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "infer/ at /workspace/infer" in r.stdout
 
 
 def _check_output(path: Path, case: Path) -> None:

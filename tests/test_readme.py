@@ -185,7 +185,7 @@ def test_documented_scripts_print_help(argv):
 
 @pytest.mark.slow
 def test_readme_python_example_runs_on_a_sample_case():
-    (code,) = [text for info, text in _blocks(ROOT / "README.md") if info.strip() == "python"]
+    code = _python_blocks()[0]
     assert len(code.strip().splitlines()) <= 6
     # after the example: the output has the case's shape, and every class of the ground truth
     # (which the example never reads) got voxels, nothing else did
@@ -199,6 +199,31 @@ def test_readme_python_example_runs_on_a_sample_case():
     same_shape, dtype, labels, gt_labels = json.loads(line[len("CHECK "):])
     assert same_shape and dtype == "uint8"
     assert labels == gt_labels
+
+
+def _python_blocks():
+    """The README's python examples: the Predictor one, then the Session one that continues it."""
+    blocks = [text for info, text in _blocks(ROOT / "README.md") if info.strip() == "python"]
+    assert len(blocks) == 2 and "Predictor.from_path" in blocks[0] and "Session(" in blocks[1]
+    return blocks
+
+
+@pytest.mark.slow
+def test_readme_session_example_runs_on_a_sample_case():
+    first, session = _python_blocks()
+    assert len(session.strip().splitlines()) <= 8
+    # after the example (box, click, undo on class 1 of the box sample): one object, labels 0/1
+    # only, and its mask overlaps class 1 of the ground truth (never read by the example)
+    check = first + session + ("\nimport json, numpy as np\n"
+                               "gts = np.load('sample_inputs/gts/' + case['name'])['gts'] == 1\n"
+                               "dice = 2 * (gts & (mask == 1)).sum() / (gts.sum() + (mask == 1).sum())\n"
+                               "print('CHECK', json.dumps([np.unique(mask).tolist(), session.n_objects, float(dice)]))\n")
+    r = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (line,) = [l for l in r.stdout.splitlines() if l.startswith("CHECK ")]
+    labels, n_objects, dice = json.loads(line[len("CHECK "):])
+    assert labels == [0, 1] and n_objects == 1
+    assert dice > 0.5, dice
 
 
 @pytest.mark.slow
