@@ -173,6 +173,12 @@ def test_infer_names_the_files_it_skips_in_one_line(tmp_path, caplog):
     assert "python -m scripts.nifti to-case" in lines[0]
 
 
+def test_skipped_line_without_nifti_has_no_conversion_hint_and_stays_short():
+    from infer.__main__ import _skipped_line
+    line = _skipped_line([f"f{i}.txt" for i in range(8)])
+    assert line == "skipped 8 file(s) that are not .npz cases: f0.txt, f1.txt, f2.txt, f3.txt, f4.txt and 3 more"
+
+
 @pytest.mark.slow
 def test_round_trip_scan_to_predict_sh_to_nifti(tmp_path):
     """A bright off-centre block in a CT-like scan: to-case, sh predict.sh with the demo model,
