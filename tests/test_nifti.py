@@ -207,6 +207,23 @@ def test_round_trip_scan_to_predict_sh_to_nifti(tmp_path):
     assert dice > 0.8, dice
 
 
+@pytest.mark.slow
+def test_own_prompts_through_the_predictor_back_to_nifti(tmp_path):
+    """prompt_case with a box (NIfTI corners) and a click on a bright block, Predictor.predict,
+    segs_to_nifti on the scan's grid: the block is found where it is in the scan."""
+    from infer.predictor import Predictor
+    scan = np.full((48, 40, 24), -100, np.int16)
+    scan[8:20, 22:34, 6:14] = 120
+    _save(tmp_path / "scan.nii.gz", scan)
+    case = nifti.prompt_case(tmp_path / "scan.nii.gz", boxes=[((8, 22, 6), (19, 33, 13))],
+                             clicks=[{"fg": [(13, 27, 9)], "bg": []}])
+    segs = Predictor.from_path(ROOT / "weights" / "demo", device="cpu").predict(case)
+    nifti.segs_to_nifti(segs, tmp_path / "scan.nii.gz", tmp_path / "pred.nii.gz")
+    pred = np.asarray(nib.load(str(tmp_path / "pred.nii.gz")).dataobj) == 1
+    truth = scan == 120
+    assert 2 * (pred & truth).sum() / (pred.sum() + truth.sum()) > 0.8
+
+
 def test_help_runs_without_writing(tmp_path):
     res = subprocess.run([sys.executable, "-m", "scripts.nifti", "to-case", "--help"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
