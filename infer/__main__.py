@@ -133,6 +133,17 @@ def _outputs_problem(folder: str):
     return None
 
 
+def _skipped_line(skipped) -> str:
+    """One log line naming the files of the inputs folder that are not ``.npz`` cases (the first
+    five), with the command that turns NIfTI scans into cases when there are any."""
+    shown_names = ", ".join(shown(n) for n in skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+    line = f"skipped {len(skipped)} file(s) that are not .npz cases: {shown_names}"
+    if any(n.endswith((".nii", ".nii.gz")) for n in skipped):
+        line += ("; NIfTI scans become cases with: python -m scripts.nifti to-case --scan FILE "
+                 "[--labels SEG] --out DIR (from the repository, outside the image)")
+    return line
+
+
 def _device(name):
     """The device to load on: ``name``, except CUDA on a host without it (logged, CPU used)."""
     import torch
@@ -156,7 +167,11 @@ def main(argv=None, clock=None) -> int:
         log.error("inputs folder %s does not exist or is not a folder (--inputs / INFER_INPUTS)",
                   shown(args.inputs))
         return 1
-    names = sorted(n for n in os.listdir(args.inputs) if n.endswith(".npz"))
+    entries = sorted(os.listdir(args.inputs))
+    names = [n for n in entries if n.endswith(".npz")]
+    skipped = [n for n in entries if not n.endswith(".npz") and os.path.isfile(os.path.join(args.inputs, n))]
+    if skipped:
+        log.warning(_skipped_line(skipped))
     if not names:
         log.error("no .npz cases in %s", shown(args.inputs))
         return 0
