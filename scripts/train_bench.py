@@ -35,9 +35,10 @@ recipe's defaults:
    ``c - 1`` workers (one core for the main process) supply ``(c - 1) x rate`` examples/s, so
    a step of batch ``b`` is not starved as long as it takes at least ``b / ((c - 1) x rate)`` s.
 
-``--data-only``: phase 1 only, without the network (no deferred examples finished); allowed for
-``v1.0`` on a CPU, which otherwise needs ``--force`` (a 192^3 training step on a CPU takes
-minutes). With more than one GPU (``--torchrun``, default: when CUDA sees several), a short
+``--data-only``: phase 1 only, without the network (no deferred examples finished), as the data
+side of a GPU run (deferred examples go to the main process unnormalised) unless ``--device cpu``;
+allowed for ``v1.0`` on a CPU, which otherwise needs ``--force`` (a 192^3 training step on a CPU
+takes minutes). With more than one GPU (``--torchrun``, default: when CUDA sees several), a short
 ``torchrun --standalone -m train`` run on all of them is timed as well; that code path has not
 been run on a multi-GPU machine yet.
 """
@@ -164,10 +165,12 @@ def build(config: str, weights, seed: int, need_network: bool):
     return net.train().requires_grad_(True), card, "random (v1.0 configuration, background-biased)"
 
 
-def data_only_trainer(cases, card, p_second: float):
+def data_only_trainer(cases, card, p_second: float, device):
     """The parts of a ``train.loop.Trainer`` the data side reads, without a network: its cases,
-    its prompt simulation (the recipe's other settings at ``Trainer``'s defaults) and a predictor
-    that only carries the card and the card's policy (the workers never run the network)."""
+    its prompt simulation (the recipe's other settings at ``Trainer``'s defaults), a predictor
+    that only carries the card and the card's policy (the workers never run the network), and
+    the training device the data side serves (``device``: on a GPU the workers leave the deferred
+    examples' normalisation to the main process)."""
     import functools
     import inspect
     from types import SimpleNamespace
@@ -181,7 +184,7 @@ def data_only_trainer(cases, card, p_second: float):
                                  autozoom=d["sim_autozoom"], p_zoom_out=d["p_zoom_out"],
                                  p_refine=d["p_refine"])
     cpu = torch.device("cpu")
-    return SimpleNamespace(cases=cases, simulate=simulate, device=cpu,
+    return SimpleNamespace(cases=cases, simulate=simulate, device=torch.device(device),
                            predictor=Predictor(torch.nn.Identity(), card, cpu))
 
 
@@ -251,7 +254,8 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -
     deferred = [it for it in items if it.x is None]
     t_def = [t for t, it in zip(times, items) if it.x is None]
     t_fin = [t for t, it in zip(times, items) if it.x is not None]
-    out = {"examples": n_examples, "torch_threads": 1, "worker_s_total": sum(times),
+    out = {"examples": n_examples, "torch_threads": 1, "serves": trainer.device.type,
+           "worker_s_total": sum(times),
            "worker_s_per_example": sum(times) / n_examples,
            "examples_per_s_per_worker": n_examples / sum(times),
            "worker_s_per_finished": statistics.fmean(t_fin) if t_fin else None,
@@ -350,7 +354,8 @@ def lines(rep: dict) -> list:
            f"patch {rep['model']['patch']}, weights {rep['model']['weights']}",
            f"cases: {rep['cases']['n']} x {rep['cases']['shape']} (made in {rep['cases']['make_s']:.1f} s)"]
     d = rep["data"]
-    out.append(f"data side, one worker (1 thread): {d['examples_per_s_per_worker']:.2f} examples/s "
+    out.append(f"data side, one worker (1 thread, serving a {d['serves']} run): "
+               f"{d['examples_per_s_per_worker']:.2f} examples/s "
                f"({d['worker_s_per_example'] * 1e3:.0f} ms per example, {d['examples']} examples, "
                f"{d['deferred']} deferred to the main process)")
     for kind in ("finished", "deferred"):
@@ -418,7 +423,8 @@ def main(argv=None) -> int:
         refs = index_folder(work / "data")
         net, card, wdesc = build(a.config, a.weights, a.seed, need_network=not a.data_only)
         if a.data_only:  # what the workers need of a Trainer: cases, simulate, predictor, device
-            trainer = data_only_trainer(refs, card, a.p_second)
+            # the data side of a GPU run unless --device cpu says otherwise (no GPU is used)
+            trainer = data_only_trainer(refs, card, a.p_second, a.device or "cuda")
         else:
             trainer = Trainer(net, card, refs, work / "run", epochs=1,
                               steps_per_epoch=a.loop_steps, batch_size=a.batch_size, seed=a.seed,

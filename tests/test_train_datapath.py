@@ -9,11 +9,12 @@ import torch
 import infer.predictor
 from evaluation.clicks import next_click
 from infer.card import DEFAULT_CHANNELS, ModelCard
+from infer.geometry import Crop, crop_to_patch
 from infer.policy import parse_policy
 from scripts.synthetic import generate_case
 from train.configs import get_config
 from train.data import index_folder, load_case
-from train.simulate import ModelNeeded, first_click, simulate_example
+from train.simulate import ModelNeeded, crop_target, first_click, simulate_example
 
 
 def _masks():
@@ -83,3 +84,27 @@ def test_lazy_normalisation_gives_the_same_example_and_none_when_deferred(monkey
         assert torch.equal(lazy.x, given.x) and torch.equal(lazy.target, given.target)
         assert lazy.first == given.first and lazy.crop == given.crop
     assert finished and deferred  # both paths ran
+
+
+def _crops():
+    rng = np.random.default_rng(2)
+    shape = (20, 30, 26)
+    for _ in range(40):
+        zoom = float(rng.choice([1.0, 1.0, 1.5, 0.75, 2.0]))
+        patch = tuple(int(v) for v in rng.choice([8, 12, 16], size=3))
+        size = tuple(max(1, int(round(p * zoom))) for p in patch)
+        lo = tuple(int(rng.integers(-s, n)) for s, n in zip(size, shape))  # inside, partly or wholly out
+        yield Crop(lo=lo, size=size, patch=patch)
+
+
+def test_crop_target_equals_resampled_truth():
+    rng = np.random.default_rng(1)
+    gt = torch.from_numpy(rng.random((20, 30, 26)) > 0.6)
+    n_zoom1 = 0
+    for crop in _crops():
+        want = (crop_to_patch(gt, crop) > 0.5).float()
+        got = crop_target(gt, crop)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert torch.equal(got, want), crop
+        n_zoom1 += crop.size == crop.patch
+    assert n_zoom1 >= 10  # the direct path ran

@@ -110,6 +110,21 @@ def first_click(gt: np.ndarray) -> Click:
     return Click(c.kind, tuple(int(v) + o for v, o in zip(c.zyx, lo)))
 
 
+def crop_target(gt: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """The training target on ``crop``: (*patch) float32 in {0, 1}, ``crop_to_patch(gt, crop) >
+    0.5`` for ``gt`` (D, H, W) bool. At zoom 1 (``crop.size == crop.patch``) linear resampling
+    reads every voxel with weight 1 and its neighbour with weight 0, so that is the crop of ``gt``
+    itself, 0 outside the volume: taken directly here, without the three resampling passes."""
+    if tuple(crop.size) != tuple(crop.patch):
+        return (crop_to_patch(gt, crop) > 0.5).float()
+    out = torch.zeros(tuple(crop.patch), dtype=torch.float32, device=gt.device)
+    lo, hi = crop.inside(gt.shape)
+    if all(h > l for l, h in zip(lo, hi)):
+        dst = tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, crop.lo))
+        out[dst] = gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].float()
+    return out
+
+
 def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickState]) -> dict:
     """A one-class case dict as ``infer.io.read_case`` returns it for the harness's inputs."""
     case = {"imgs": imgs, "boxes": [box] if box is not None else None, "clicks": None,
@@ -217,5 +232,5 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
         crop = training_crop(policy, patch, prompts, prev_k, steps)
     with torch.no_grad():
         x = make_input(card, the_image(), prompts, prev_k, crop)
-        target = (crop_to_patch(torch.from_numpy(gt).to(dev), crop) > 0.5).float()
+        target = crop_target(torch.from_numpy(gt).to(dev), crop)
     return Example(x, target, first, click, first_pred, crop, prompts)
