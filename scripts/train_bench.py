@@ -34,6 +34,8 @@ recipe's defaults:
    of ``wait + step`` seconds (the loop's means). And the data side's limit: with ``c`` cores,
    ``c - 1`` workers (one core for the main process) supply ``(c - 1) x rate`` examples/s, so
    a step of batch ``b`` is not starved as long as it takes at least ``b / ((c - 1) x rate)`` s.
+   ``rate`` here is examples per CPU second of the worker (what a dedicated core delivers; on a
+   busy machine the wall-time rate, also reported, counts the waits for a core as well).
 
 ``--data-only``: phase 1 only, without the network (no deferred examples finished), as the data
 side of a GPU run (deferred examples go to the main process unnormalised) unless ``--device cpu``;
@@ -236,8 +238,9 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -
         import cProfile
         prof = cProfile.Profile()
     try:
-        times, items = [], []
+        times, cpu, items = [], [], []
         for j in range(n_examples):
+            c = time.process_time()
             t = time.perf_counter()
             if prof is not None:
                 prof.enable()
@@ -246,6 +249,7 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -
             if prof is not None:
                 prof.disable()
             times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
             items.append(it)
     finally:
         torch.set_num_threads(threads)
@@ -258,6 +262,8 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -
            "worker_s_total": sum(times),
            "worker_s_per_example": sum(times) / n_examples,
            "examples_per_s_per_worker": n_examples / sum(times),
+           "worker_cpu_s_total": sum(cpu),
+           "examples_per_cpu_s": n_examples / sum(cpu),
            "worker_s_per_finished": statistics.fmean(t_fin) if t_fin else None,
            "worker_s_per_deferred": statistics.fmean(t_def) if t_def else None,
            "deferred": len(deferred), "deferred_share": len(deferred) / n_examples,
@@ -357,7 +363,8 @@ def lines(rep: dict) -> list:
     out.append(f"data side, one worker (1 thread, serving a {d['serves']} run): "
                f"{d['examples_per_s_per_worker']:.2f} examples/s "
                f"({d['worker_s_per_example'] * 1e3:.0f} ms per example, {d['examples']} examples, "
-               f"{d['deferred']} deferred to the main process)")
+               f"{d['deferred']} deferred to the main process); per CPU second: "
+               f"{d['examples_per_cpu_s']:.2f} examples")
     for kind in ("finished", "deferred"):
         if d[f"worker_s_per_{kind}"] is not None:
             out.append(f"  worker time per {kind} example: {d[f'worker_s_per_{kind}'] * 1e3:.0f} ms")
@@ -379,7 +386,8 @@ def lines(rep: dict) -> list:
     m = rep["memory"]
     out.append(f"peak memory ({m['kind']}): {m['peak_bytes'] / mb:.0f} MiB")
     for c, lim in rep["data_limits"].items():
-        out.append(f"data side with {c} cores ({lim['workers']} workers): {lim['examples_per_s']:.1f} "
+        out.append(f"data side with {c} dedicated cores ({lim['workers']} workers, at the CPU-time "
+                   f"rate): {lim['examples_per_s']:.1f} "
                    f"examples/s, keeps a step of batch {rep['batch']} fed if it takes >= "
                    f"{lim['min_step_s'] * 1e3:.0f} ms")
     if rep.get("workers_needed") is not None:
@@ -444,7 +452,9 @@ def main(argv=None) -> int:
             rep["loop"] = loop(trainer, a.loop_steps, a.workers)
             rep["epoch"] = epoch_projection(a.epoch_examples, a.batch_size, rep["loop"]["s_per_step"])
         rep["memory"] = peak_memory(device)
-        rate = rep["data"]["examples_per_s_per_worker"]
+        # per dedicated core: the worker's CPU time (wall time on a busy machine counts the waits
+        # for a core too); the wall-time rate is in rep["data"] beside it
+        rate = rep["data"]["examples_per_cpu_s"]
         rep["data_limits"] = data_limits(rate, a.batch_size)
         rep["workers_needed"] = (workers_needed(rate, a.batch_size, rep["step"]["step_s_median"])
                                  if "step" in rep else None)

@@ -75,6 +75,8 @@ def test_demo_on_cpu_reports_consistent_figures(tmp_path):
     assert d["deferred_share"] == pytest.approx(d["deferred"] / 6)
     assert d["worker_s_per_example"] > 0
     assert d["examples_per_s_per_worker"] == pytest.approx(6 / d["worker_s_total"])
+    assert d["examples_per_cpu_s"] == pytest.approx(6 / d["worker_cpu_s_total"])
+    assert d["worker_cpu_s_total"] > 0
     n_fin = 6 - d["deferred"]
     parts = ((d["worker_s_per_finished"] or 0) * n_fin + (d["worker_s_per_deferred"] or 0) * d["deferred"])
     assert parts == pytest.approx(d["worker_s_total"])
@@ -101,8 +103,8 @@ def test_demo_on_cpu_reports_consistent_figures(tmp_path):
     for c in ("8", "16"):
         lim = rep["data_limits"][c]
         assert lim["workers"] == int(c) - 1
-        assert lim["min_step_s"] == pytest.approx(2 / ((int(c) - 1) * d["examples_per_s_per_worker"]))
-    assert rep["workers_needed"] == pytest.approx(2 / (s["step_s_median"] * d["examples_per_s_per_worker"]))
+        assert lim["min_step_s"] == pytest.approx(2 / ((int(c) - 1) * d["examples_per_cpu_s"]))
+    assert rep["workers_needed"] == pytest.approx(2 / (s["step_s_median"] * d["examples_per_cpu_s"]))
     assert "torchrun" not in rep  # no GPU here
 
     for needle in ("examples/s", "wait share", "projected epoch of 37 examples: 19 steps", "peak memory"):
