@@ -100,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-only", action="store_true", help="the data side only (phase 1), no network")
     p.add_argument("--force", action="store_true", help="run v1.0 training steps on a CPU anyway")
     p.add_argument("--torchrun", choices=("auto", "on", "off"), default="auto",
-                   help="time a short torchrun run on every GPU (auto: with more than one GPU)")
+                   help="time a short torchrun run, one process per GPU (auto: with more than one "
+                        "GPU; on without a GPU: one process on the CPU)")
     p.add_argument("--profile", default=None,
                    help="write a cProfile of the data side (phase 1) to this file")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
@@ -258,12 +259,16 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -
     deferred = [it for it in items if it.x is None]
     t_def = [t for t, it in zip(times, items) if it.x is None]
     t_fin = [t for t, it in zip(times, items) if it.x is not None]
+    c_def = [c for c, it in zip(cpu, items) if it.x is None]
+    c_fin = [c for c, it in zip(cpu, items) if it.x is not None]
     out = {"examples": n_examples, "torch_threads": 1, "serves": trainer.device.type,
            "worker_s_total": sum(times),
            "worker_s_per_example": sum(times) / n_examples,
            "examples_per_s_per_worker": n_examples / sum(times),
            "worker_cpu_s_total": sum(cpu),
            "examples_per_cpu_s": n_examples / sum(cpu),
+           "worker_cpu_s_per_finished": statistics.fmean(c_fin) if c_fin else None,
+           "worker_cpu_s_per_deferred": statistics.fmean(c_def) if c_def else None,
            "worker_s_per_finished": statistics.fmean(t_fin) if t_fin else None,
            "worker_s_per_deferred": statistics.fmean(t_def) if t_def else None,
            "deferred": len(deferred), "deferred_share": len(deferred) / n_examples,
@@ -318,20 +323,20 @@ def loop(trainer, steps: int, workers: int) -> dict:
             "s_per_step": wait_mean + step_mean, "wait_share": wait_mean / (wait_mean + step_mean)}
 
 
-def torchrun_run(data: Path, weights: Path, out: Path, n_gpu: int, steps: int, batch: int,
-                 workers: int) -> dict:
-    """A short ``torchrun --standalone -m train`` run on ``n_gpu`` GPUs (one epoch of ``steps``
-    steps); wall time from launch to exit, start-up included."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_gpu}",
+def torchrun_run(data: Path, weights: Path, out: Path, n_proc: int, steps: int, batch: int,
+                 workers: int, device: str) -> dict:
+    """A short ``torchrun --standalone -m train`` run of ``n_proc`` processes (one per GPU; one
+    epoch of ``steps`` steps); wall time from launch to exit, start-up included."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_proc}",
            "-m", "train", "--data", str(data), "--init", str(weights), "--out", str(out),
            "--epochs", "1", "--steps-per-epoch", str(steps), "--batch-size", str(batch),
-           "--workers", str(workers), "--no-progress"]
+           "--workers", str(workers), "--device", device, "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=str(REPO), env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    return {"gpus": n_gpu, "steps": steps, "batch_per_gpu": batch, "global_batch": batch * n_gpu,
-            "workers_per_gpu": workers, "returncode": r.returncode, "wall_s": wall,
+    return {"processes": n_proc, "steps": steps, "batch_per_process": batch,
+            "global_batch": batch * n_proc, "workers_per_process": workers, "returncode": r.returncode, "wall_s": wall,
             "wall_s_per_step_incl_startup": wall / steps,
             "stderr_tail": r.stderr[-2000:] if r.returncode else ""}
 
@@ -367,7 +372,8 @@ def lines(rep: dict) -> list:
                f"{d['examples_per_cpu_s']:.2f} examples")
     for kind in ("finished", "deferred"):
         if d[f"worker_s_per_{kind}"] is not None:
-            out.append(f"  worker time per {kind} example: {d[f'worker_s_per_{kind}'] * 1e3:.0f} ms")
+            out.append(f"  worker time per {kind} example: {d[f'worker_s_per_{kind}'] * 1e3:.0f} ms "
+                       f"({d[f'worker_cpu_s_per_{kind}'] * 1e3:.0f} ms CPU)")
     if d["finish_s_per_deferred"] is not None:
         out.append(f"main-process finishing per deferred example (no-grad prediction, click, input): "
                    f"{d['finish_s_per_deferred'] * 1e3:.0f} ms")
@@ -394,7 +400,7 @@ def lines(rep: dict) -> list:
         out.append(f"workers needed at the measured step time: {rep['workers_needed']:.1f}")
     if "torchrun" in rep:
         tr = rep["torchrun"]
-        out.append(f"torchrun on {tr['gpus']} GPUs: {tr['steps']} steps in {tr['wall_s']:.1f} s "
+        out.append(f"torchrun, {tr['processes']} process(es): {tr['steps']} steps in {tr['wall_s']:.1f} s "
                    f"(start-up included), rc {tr['returncode']}")
     return out
 
@@ -465,7 +471,7 @@ def main(argv=None) -> int:
                 from infer.convert import write_artifact
                 init = write_artifact(work / "init", trainer.network.state_dict(), card)
             rep["torchrun"] = torchrun_run(work / "data", init, work / "ddp", max(n_gpu, 1),
-                                           a.loop_steps, a.batch_size, a.workers)
+                                           a.loop_steps, a.batch_size, a.workers, device.type)
         trainer.loader = None
         for line in lines(rep):
             print(line)
