@@ -225,9 +225,10 @@ def handover(item) -> None:
             t.share_memory_()
 
 
-def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -> dict:
+def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None, keep_first: int = 0):
     """Phase 1: ``ExampleSet.__getitem__`` for slots 0..n-1 of epoch 0, one torch thread; then the
-    main process's finishing of the deferred ones (``finish_batch``), timed apart."""
+    main process's finishing of the deferred ones (``finish_batch``), timed apart. Returns the
+    figures and the items (None for the finished ones after the first ``keep_first``)."""
     import torch
     from train.loader import ExampleSet, finish_batch
     examples = ExampleSet(trainer.cases, trainer.simulate, trainer.predictor, seed, n_examples,
@@ -239,7 +240,7 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -
         import cProfile
         prof = cProfile.Profile()
     try:
-        times, cpu, items = [], [], []
+        times, cpu, items, deferred_flags = [], [], [], []
         for j in range(n_examples):
             c = time.process_time()
             t = time.perf_counter()
@@ -251,16 +252,19 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None) -
                 prof.disable()
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
-            items.append(it)
+            deferred_flags.append(it.x is None)
+            # kept: the first batch (phase 2) and the deferred items (small: the case's arrays);
+            # finished patches of other slots are let go, as a worker lets them go
+            items.append(it if (j < keep_first or it.x is None) else None)
     finally:
         torch.set_num_threads(threads)
     if prof is not None:
         prof.dump_stats(profile)
-    deferred = [it for it in items if it.x is None]
-    t_def = [t for t, it in zip(times, items) if it.x is None]
-    t_fin = [t for t, it in zip(times, items) if it.x is not None]
-    c_def = [c for c, it in zip(cpu, items) if it.x is None]
-    c_fin = [c for c, it in zip(cpu, items) if it.x is not None]
+    deferred = [it for it, d in zip(items, deferred_flags) if d]
+    t_def = [t for t, d in zip(times, deferred_flags) if d]
+    t_fin = [t for t, d in zip(times, deferred_flags) if not d]
+    c_def = [c for c, d in zip(cpu, deferred_flags) if d]
+    c_fin = [c for c, d in zip(cpu, deferred_flags) if not d]
     out = {"examples": n_examples, "torch_threads": 1, "serves": trainer.device.type,
            "worker_s_total": sum(times),
            "worker_s_per_example": sum(times) / n_examples,
@@ -452,7 +456,8 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         rep["data"], items = data_side(trainer, a.data_examples, a.seed, finish=not a.data_only,
-                                       profile=a.profile)
+                                       profile=a.profile,
+                                       keep_first=0 if a.data_only else a.batch_size)
         if not a.data_only:
             rep["step"] = train_steps(trainer, items, a.batch_size, a.seed, a.steps)
             rep["loop"] = loop(trainer, a.loop_steps, a.workers)
