@@ -14,7 +14,7 @@ from infer.policy import parse_policy
 from scripts.synthetic import generate_case
 from train.configs import get_config
 from train.data import index_folder, load_case
-from train.simulate import ModelNeeded, crop_target, first_click, simulate_example
+from train.simulate import ModelNeeded, crop_target, first_click, local_click, simulate_example
 
 
 def _masks():
@@ -108,3 +108,24 @@ def test_crop_target_equals_resampled_truth():
         assert torch.equal(got, want), crop
         n_zoom1 += crop.size == crop.patch
     assert n_zoom1 >= 10  # the direct path ran
+
+
+def _pairs():
+    rng = np.random.default_rng(4)
+    for name, gt in _masks():
+        yield f"{name}: empty prediction", np.zeros_like(gt), gt
+        yield f"{name}: exact prediction", gt.copy(), gt
+        noisy = gt ^ (rng.random(gt.shape) > 0.97)  # false positives anywhere, misses inside
+        yield f"{name}: noisy prediction", noisy, gt
+        shifted = np.roll(gt, 2, axis=2)  # too far right: a false-positive and a missed slab
+        yield f"{name}: shifted prediction", shifted, gt
+    gt = np.zeros((12, 16, 16), bool)
+    gt[2:5, 2:5, 2:5] = True
+    far = np.zeros_like(gt)
+    far[9:12, 12:16, 12:16] = True  # a larger false positive away from the object
+    yield "distant false positive", far, gt
+
+
+@pytest.mark.parametrize("name,pred,gt", list(_pairs()), ids=lambda v: v if isinstance(v, str) else "")
+def test_local_click_is_next_click(name, pred, gt):
+    assert local_click(pred, gt) == next_click(pred, gt)

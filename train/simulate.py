@@ -93,18 +93,34 @@ def refine_tile(policy: Policy, mask: np.ndarray, patch, rng: np.random.Generato
     return Crop(lo=sample_tile(policy, box, p, rng), size=p, patch=p)
 
 
-def first_click(gt: np.ndarray) -> Click:
-    """``evaluation.clicks.next_click(np.zeros_like(gt), gt)`` (the first click of a no-box case:
-    the centre of ``gt``'s largest component), computed on ``gt``'s bounding box only. The click
-    is the same: against an empty prediction the error is ``gt`` itself, whose components all lie
-    in that box; cc3d numbers components in raster order, which cutting the box keeps (so ties
-    go the same way); and the EDT already works on the component's own bounding box.
-    ``gt``: (D, H, W) bool, non-empty."""
+def _bounds(mask: np.ndarray) -> tuple[list, list]:
+    """Half-open bounding box ``(lo, hi)`` of a non-empty (D, H, W) mask."""
     lo, hi = [], []
     for axis in range(3):
-        hit = np.flatnonzero(gt.any(axis=tuple(a for a in range(3) if a != axis)))
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
         lo.append(int(hit[0]))
         hi.append(int(hit[-1]) + 1)
+    return lo, hi
+
+
+def local_click(pred: np.ndarray, gt: np.ndarray) -> Optional[Click]:
+    """``evaluation.clicks.next_click(pred, gt)`` computed on the bounding box of ``pred | gt``
+    only. The click is the same: every error voxel (``pred != gt``) lies in that box, so the
+    error components are the same; cc3d numbers components in raster order, which cutting the box
+    keeps (ties between equally large components go the same way); and the EDT already works on
+    the chosen component's own bounding box. ``pred``, ``gt``: (D, H, W) bool, ``gt`` non-empty."""
+    lo, hi = _bounds(pred | gt)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    c = next_click(pred[box], gt[box])
+    return None if c is None else Click(c.kind, tuple(int(v) + o for v, o in zip(c.zyx, lo)))
+
+
+def first_click(gt: np.ndarray) -> Click:
+    """``evaluation.clicks.next_click(np.zeros_like(gt), gt)`` (the first click of a no-box case:
+    the centre of ``gt``'s largest component), computed on ``gt``'s bounding box as
+    :func:`local_click` does, without a volume-sized empty prediction. ``gt``: (D, H, W) bool,
+    non-empty."""
+    lo, hi = _bounds(gt)
     sub = gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
     c = next_click(np.zeros_like(sub), sub)
     return Click(c.kind, tuple(int(v) + o for v, o in zip(c.zyx, lo)))
@@ -220,7 +236,7 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
     if u < p_second:
         pred = predict_volume(predictor, the_image() if predictor is not None else None,
                               prompts, None, autozoom)
-        click = next_click(pred, gt)
+        click = local_click(pred, gt)
         if click is not None:
             first_pred = pred
             state = state or ClickState.empty(1)
