@@ -34,10 +34,12 @@ class CaseRef:
     labels: tuple
 
     def load(self) -> Case:
-        return load_case(self.path)
+        return load_case(self.path, labels=self.labels)
 
 
-def load_case(path) -> Case:
+def load_case(path, labels: tuple | None = None) -> Case:
+    """The case in ``path``; ``labels``: its foreground labels when already known (a ``CaseRef``'s,
+    found when the folder was indexed), which spares the ``np.unique`` pass over ``gts``."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as z:
         if "imgs" not in z.files or "gts" not in z.files:
@@ -46,7 +48,8 @@ def load_case(path) -> Case:
         spacing = tuple(float(s) for s in z["spacing"]) if "spacing" in z.files else (1.0, 1.0, 1.0)
     if imgs.shape != gts.shape or imgs.ndim != 3:
         raise ValueError(f"{path}: imgs {imgs.shape} and gts {gts.shape} must be the same 3D shape")
-    labels = tuple(int(v) for v in np.unique(gts) if v != 0)
+    if labels is None:
+        labels = tuple(int(v) for v in np.unique(gts) if v != 0)
     return Case(path.name, imgs, gts, spacing, labels)
 
 

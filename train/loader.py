@@ -91,12 +91,14 @@ class ExampleSet(Dataset):
         ci, label = self.plan(epoch)[slot]
         case = self.cases[ci].load()
         gt = case.gts == label
-        image = normalize_image(case.imgs, torch.device("cpu"))
+        # normalised here only when a deferred item carries the image to the main process (CPU
+        # training); otherwise the simulation normalises it when it builds a finished example
+        image = normalize_image(case.imgs, torch.device("cpu")) if self.normalize else None
         try:
             ex = self.simulate(None, case.imgs, gt, slot_rng(self.seed, epoch, slot), image=image,
                                card=self.card, policy=self.policy)
         except ModelNeeded:
-            return Item(epoch, slot, imgs=case.imgs, gt=gt, image=image if self.normalize else None)
+            return Item(epoch, slot, imgs=case.imgs, gt=gt, image=image)
         return Item(epoch, slot, x=ex.x, target=ex.target)
 
 

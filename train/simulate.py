@@ -93,6 +93,54 @@ def refine_tile(policy: Policy, mask: np.ndarray, patch, rng: np.random.Generato
     return Crop(lo=sample_tile(policy, box, p, rng), size=p, patch=p)
 
 
+def _bounds(mask: np.ndarray) -> tuple[list, list]:
+    """Half-open bounding box ``(lo, hi)`` of a non-empty (D, H, W) mask."""
+    lo, hi = [], []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo.append(int(hit[0]))
+        hi.append(int(hit[-1]) + 1)
+    return lo, hi
+
+
+def local_click(pred: np.ndarray, gt: np.ndarray) -> Optional[Click]:
+    """``evaluation.clicks.next_click(pred, gt)`` computed on the bounding box of ``pred | gt``
+    only. The click is the same: every error voxel (``pred != gt``) lies in that box, so the
+    error components are the same; cc3d numbers components in raster order, which cutting the box
+    keeps (ties between equally large components go the same way); and the EDT already works on
+    the chosen component's own bounding box. ``pred``, ``gt``: (D, H, W) bool, ``gt`` non-empty."""
+    lo, hi = _bounds(pred | gt)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    c = next_click(pred[box], gt[box])
+    return None if c is None else Click(c.kind, tuple(int(v) + o for v, o in zip(c.zyx, lo)))
+
+
+def first_click(gt: np.ndarray) -> Click:
+    """``evaluation.clicks.next_click(np.zeros_like(gt), gt)`` (the first click of a no-box case:
+    the centre of ``gt``'s largest component), computed on ``gt``'s bounding box as
+    :func:`local_click` does, without a volume-sized empty prediction. ``gt``: (D, H, W) bool,
+    non-empty."""
+    lo, hi = _bounds(gt)
+    sub = gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    c = next_click(np.zeros_like(sub), sub)
+    return Click(c.kind, tuple(int(v) + o for v, o in zip(c.zyx, lo)))
+
+
+def crop_target(gt: torch.Tensor, crop: Crop) -> torch.Tensor:
+    """The training target on ``crop``: (*patch) float32 in {0, 1}, ``crop_to_patch(gt, crop) >
+    0.5`` for ``gt`` (D, H, W) bool. At zoom 1 (``crop.size == crop.patch``) linear resampling
+    reads every voxel with weight 1 and its neighbour with weight 0, so that is the crop of ``gt``
+    itself, 0 outside the volume: taken directly here, without the three resampling passes."""
+    if tuple(crop.size) != tuple(crop.patch):
+        return (crop_to_patch(gt, crop) > 0.5).float()
+    out = torch.zeros(tuple(crop.patch), dtype=torch.float32, device=gt.device)
+    lo, hi = crop.inside(gt.shape)
+    if all(h > l for l, h in zip(lo, hi)):
+        dst = tuple(slice(l - c, h - c) for l, h, c in zip(lo, hi, crop.lo))
+        out[dst] = gt[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].float()
+    return out
+
+
 def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickState]) -> dict:
     """A one-class case dict as ``infer.io.read_case`` returns it for the harness's inputs."""
     case = {"imgs": imgs, "boxes": [box] if box is not None else None, "clicks": None,
@@ -143,7 +191,8 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
     ``predictor``: runs the network for the second step and refinement examples; None: build the
     example without a network (``card`` and ``policy`` given) or raise :class:`ModelNeeded`.
 
-    ``image``: ``infer.predictor.normalize_image(imgs)`` when the caller already has it.
+    ``image``: ``infer.predictor.normalize_image(imgs)`` when the caller already has it (else it
+    is computed on first use, so an example that raises :class:`ModelNeeded` never pays for it).
     ``autozoom``: let the no-grad first prediction zoom out as the predictor does (default).
     ``p_zoom_out``: probability that the trained-on crop is the one the predictor's autozoom
     reaches after one or two x1.5 steps (equally likely) instead of its first crop, so that the
@@ -154,17 +203,21 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
     card = card if card is not None else predictor.card
     policy = policy if policy is not None else predictor.policy
     patch = tuple(int(p) for p in card.patch_size)
-    dev = predictor.device if predictor is not None else torch.device("cpu")
-    if image is None:
-        from infer.predictor import normalize_image
-        image = normalize_image(imgs, dev)
-    dev = image.device
+    dev = image.device if image is not None else (
+        predictor.device if predictor is not None else torch.device("cpu"))
+
+    def the_image() -> torch.Tensor:
+        nonlocal image
+        if image is None:
+            from infer.predictor import normalize_image
+            image = normalize_image(imgs, dev)
+        return image
     style = card.box_style
     if rng.random() < p_box:
         first, box, state = "box", box_for_mask(gt, rng), None
     else:
         first, box, state = "click", None, ClickState.empty(1)
-        state.add(0, next_click(np.zeros_like(gt), gt))
+        state.add(0, first_click(gt))
     prompts = class_prompts(harness_case(imgs, box, state), 1, style)
     prev_k = None
     click, first_pred = None, None
@@ -173,14 +226,17 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
     if p_second <= u < p_second + p_refine:
         center, zoom = first_view(policy, patch, prompts, None)
         if zoom > 1 + 1e-6:
-            pred = predict_volume(predictor, image, prompts, None, autozoom=False)
+            # without a predictor predict_volume raises ModelNeeded before it reads the image
+            pred = predict_volume(predictor, the_image() if predictor is not None else None,
+                                  prompts, None, autozoom=False)
             if pred.any():
                 crop = refine_tile(policy, pred, patch, rng)
                 prev_k = torch.from_numpy(pred).to(dev)
                 first_pred = pred
     if u < p_second:
-        pred = predict_volume(predictor, image, prompts, None, autozoom)
-        click = next_click(pred, gt)
+        pred = predict_volume(predictor, the_image() if predictor is not None else None,
+                              prompts, None, autozoom)
+        click = local_click(pred, gt)
         if click is not None:
             first_pred = pred
             state = state or ClickState.empty(1)
@@ -191,6 +247,6 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
         steps = int(rng.integers(1, 3)) if rng.random() < p_zoom_out else 0
         crop = training_crop(policy, patch, prompts, prev_k, steps)
     with torch.no_grad():
-        x = make_input(card, image, prompts, prev_k, crop)
-        target = (crop_to_patch(torch.from_numpy(gt).to(dev), crop) > 0.5).float()
+        x = make_input(card, the_image(), prompts, prev_k, crop)
+        target = crop_target(torch.from_numpy(gt).to(dev), crop)
     return Example(x, target, first, click, first_pred, crop, prompts)
