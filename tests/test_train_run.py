@@ -199,7 +199,10 @@ def test_ctrl_c_ends_with_one_line_and_status_130(tmp_path):
     cmd = [sys.executable, "-m", "train", "--data", str(data), "--init", "scratch", "--config", "tiny",
            "--out", str(out), "--epochs", "100000", "--steps-per-epoch", "2", "--threads", "1",
            "--device", "cpu"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default in the child even where this test runs with it ignored (a shell's
+    # background job), so that Python turns it into KeyboardInterrupt
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 120
         while not (out / "latest").is_file():

@@ -221,7 +221,7 @@ class Trainer:
                     best_line = (f"best so far: epoch {self.epoch}, {self.best_metric}={value:.4g} "
                                  f"-> {folder}")
                 elif best is not None:
-                    best_line = (f"best stays epoch {best['epoch']}, {self.best_metric}="
+                    best_line = (f"best stays epoch {best['epoch']}, {best['metric']}="
                                  f"{best['value']:.4g} ({self.out / BEST})")
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
