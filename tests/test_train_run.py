@@ -105,7 +105,12 @@ def test_best_metric_picks_another_number(tmp_path):
 
 def test_quick_sets_defaults_that_flags_override(monkeypatch):
     got = {}
-    monkeypatch.setattr(cli, "_run", lambda a, argv, ctx: got.setdefault("a", a) and 0)
+
+    def run(a, argv, ctx):  # stands in for the training: keeps the parsed options
+        got["a"] = a
+        return 0
+
+    monkeypatch.setattr(cli, "_run", run)
     base = ["--data", "d", "--init", "scratch", "--out", "o", "--device", "cpu"]
     cli.main(base + ["--quick", "--epochs", "1"])
     a = got.pop("a")
@@ -116,19 +121,15 @@ def test_quick_sets_defaults_that_flags_override(monkeypatch):
     assert a.keep == 2 and a.best_metric == "val_final_dsc"
 
 
-def _fake_path(tmp_path):
-    """PATH with a fake docker first: it records its calls and fails (build.sh then stops at
-    'Docker does not answer')."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "docker").write_text(f'#!/bin/sh\necho "docker $*" >>"{tmp_path / "docker.log"}"\nexit 1\n')
-    (fake / "docker").chmod(0o755)
-    return f"{fake}{os.pathsep}{os.environ['PATH']}"
-
-
 def _build_sh(weights, tmp_path, *flags):
-    env = dict(os.environ, PATH=_fake_path(tmp_path) if not (tmp_path / "bin").exists()
-               else f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    """build.sh with a fake docker first on PATH: it records its calls in tmp_path/docker.log and
+    fails (build.sh then stops at 'Docker does not answer')."""
+    fake = tmp_path / "bin"
+    if not fake.exists():
+        fake.mkdir()
+        (fake / "docker").write_text(f'#!/bin/sh\necho "docker $*" >>"{tmp_path / "docker.log"}"\nexit 1\n')
+        (fake / "docker").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run(["bash", str(ROOT / "build.sh"), "--weights", str(weights), "--out",
                            str(tmp_path / "tar"), *flags], env=env, capture_output=True, text=True)
 
