@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the submission image and save it as the tarball handed to the organizer.
 #
-#   ./build.sh [--weights DIR] [--name NAME] [--demo] [--cuda 12|13] [--out DIR]
+#   usage: ./build.sh [--weights DIR] [--name NAME] [--demo] [--cuda 12|13] [--out DIR]
 #
 #   --weights DIR  weights folder copied to /workspace/weights: a converted artifact
 #                  (model_card.json + weights.pt) or an nnInteractive release folder.

@@ -92,4 +92,10 @@ def main(cfg: dict) -> dict:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        # no argparse: only json and sys are imported before the timed steps
+        ok = sys.argv[1:] in (["-h"], ["--help"])
+        print("usage: python -m scripts.bench_probe CONFIG_JSON\n\n" + __doc__.strip(),
+              file=sys.stdout if ok else sys.stderr)
+        sys.exit(0 if ok else 2)
     print(MARK + json.dumps(main(json.loads(sys.argv[1]))), flush=True)

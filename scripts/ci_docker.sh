@@ -9,6 +9,9 @@
 # .ci/run makes (.venv; PYTHON overrides). Prints how long each part took.
 #   usage: bash scripts/ci_docker.sh [DOCKER_SETUP_SCRIPT]
 set -euo pipefail
+case "${1:-}" in
+    -h|--help) sed -n '2,7s/^# \{0,1\}//p' "$0"; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 SETUP=${1:-../shared/docker/offline-docker.sh}

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the submission image's CUDA path (scripts/gpu_check.py; docs/GPU_CHECK.md).
 #
-#   bash scripts/gpu_check.sh [WHERE] [--out DIR] [--] [scripts/gpu_check.py flags]
+#   usage: bash scripts/gpu_check.sh [WHERE] [--out DIR] [--] [scripts/gpu_check.py flags]
 #
 # WHERE, the Python environment the check runs in:
 #   (default)          the current interpreter: $PYTHON, else python3

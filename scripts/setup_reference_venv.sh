@@ -8,6 +8,11 @@
 # dependency chain would pull a multi-GB CUDA build.
 #   usage: bash scripts/setup_reference_venv.sh [ref|ref101]...   (default: both)
 set -euo pipefail
+for arg in "$@"; do
+    case $arg in
+        -h|--help) sed -n '2,9s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    esac
+done
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 PIP_FLAGS=(-q --disable-pip-version-check)

@@ -3,6 +3,11 @@
 # the reference network (dynamic-network-architectures, --no-deps, tests only). Idempotent.
 #   usage: bash scripts/setup_venv.sh [--runtime-only]
 set -euo pipefail
+case "${1:-}" in
+    -h|--help) sed -n '2,4s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    ""|--runtime-only) ;;
+    *) echo "setup_venv.sh: unknown argument: $1 (usage: bash scripts/setup_venv.sh [--runtime-only])" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv

@@ -3,6 +3,9 @@
 # present, key `segs` only, shape of `imgs`, dtype uint8 (uint16 when K > 255), labels within 0..K.
 #   usage: sh tests/smoke.sh [WEIGHTS_DIR]     (PYTHON names the interpreter; default .venv's)
 set -eu
+case "${1:-}" in
+    -h|--help) sed -n '2,4s/^# \{0,1\}//p' "$0"; exit 0 ;;
+esac
 root=$(CDPATH='' cd -- "$(dirname -- "$0")/.." && pwd)
 weights=${1:-$root/weights/demo}
 if [ -z "${PYTHON:-}" ]; then

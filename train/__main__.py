@@ -2,8 +2,9 @@
 
     python -m train --data DIR --init WEIGHTS|scratch --out DIR [--epochs N] [--config tiny|demo]
                     [--steps-per-epoch N] [--batch-size 2] [--lr 1e-4] [--seed 0]
-                    [--val DIR [--val-n N]] [--device cpu|cuda] [--box-style 2d|3d] [--demo]
-                    [--workers N] [--lr-scale none|sqrt|linear]
+                    [--val DIR [--val-n 6] [--val-clicks 1] [--best-metric M]] [--keep 2]
+                    [--device cpu|cuda] [--box-style 2d|3d] [--demo] [--workers N]
+                    [--lr-scale none|sqrt|linear] [--quick]
 
     torchrun --nproc_per_node=N -m train ...     (DistributedDataParallel, one process per GPU)
 
@@ -11,7 +12,8 @@
 ``--init``: an nnInteractive release folder or a converted artifact (``infer.weights``), or
 ``scratch`` for a fresh network of ``--config``. A run folder that already holds a checkpoint is
 resumed from it (``--init`` is then ignored); ``OUT/final`` is the artifact to use with
-``python -m infer --weights OUT/final``.
+``python -m infer --weights OUT/final``, ``OUT/best`` the epoch that validated best (with ``--val``).
+Ctrl-C stops with one line naming the last checkpoint, exit status 130.
 
 Under ``torchrun`` (see docs/SCALEOUT.md) ``--batch-size`` is per process: the global batch is
 ``batch_size x world_size``; rank 0 alone writes ``OUT`` and validates.
@@ -23,17 +25,36 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from infer.card import DEFAULT_CHANNELS, ModelCard
 from infer.network import build_network
 from infer.weights import find_model_root, instantiate, read_artifact, read_release
 
-from .checkpoint import latest_checkpoint
+from .checkpoint import BEST, latest_checkpoint
 from .configs import CARD_DEFAULTS, CONFIGS, get_config
 from .data import index_folder, load_folder
 from .distributed import LR_RULES, scaled_lr, setup, teardown
 from .loop import Trainer
 from .validate import make_validator
+
+# --quick: a first fine-tuning run in a few minutes on a CPU (docs/TRAINING.md, "A first run");
+# flags given on the command line override these
+QUICK = {"epochs": 3, "steps_per_epoch": 40, "val_n": 3, "val_clicks": 1, "no_sim_autozoom": True}
+VAL_METRICS = ("val_final_dsc", "val_box_dsc", "val_final_dsc_box", "val_final_dsc_nobox",
+               "val_click1_dsc_nobox", "val_dsc_auc")
+
+
+def interrupted_message(out) -> str:
+    """The one line ``python -m train`` ends with on Ctrl-C: where the last checkpoint is and how
+    to go on from it."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        return (f"python -m train: interrupted before the first checkpoint; nothing to resume in "
+                f"{out}: the same command starts over")
+    epoch = int(ckpt.name.split("_")[-1])
+    return (f"python -m train: interrupted; last checkpoint {ckpt} (epoch {epoch}): run the same "
+            f"command again to resume from it")
 
 
 def build_model(init: str, config: str, seed: int, box_style: str | None, demo: bool, source: str):
@@ -52,7 +73,7 @@ def build_model(init: str, config: str, seed: int, box_style: str | None, demo: 
     sd, card = read_release(root) if kind == "release" else read_artifact(root)
     net = instantiate(card, sd, "cpu")
     card.box_style = box_style or card.box_style
-    card.demo = demo
+    card.demo = demo or card.demo  # a model fine-tuned from a demo model stays one (build.sh)
     card.weights_sha256 = None
     card.source = f"{source}; initialised from {root}"
     card.validate()
@@ -113,20 +134,38 @@ def main(argv=None) -> int:
                     help="interaction policy whose crops the examples are cut on (infer/policy.py "
                          "spec; default: the model card's, else project)")
     ap.add_argument("--val", help="validation-layout folder (images/, gts/) for the per-epoch warm evaluation")
-    ap.add_argument("--val-n", type=int, default=None, help="use only the first N validation cases (default: all)")
-    ap.add_argument("--val-clicks", type=int, default=5, help="click stages per validation case")
+    ap.add_argument("--val-n", type=int, default=6,
+                    help="validate on the first N cases of --val (0: all)")
+    ap.add_argument("--val-clicks", type=int, default=1,
+                    help="click stages per validation case after the box stage (5: all of the "
+                         "organizer's; val_dsc_auc needs 5)")
+    ap.add_argument("--best-metric", choices=VAL_METRICS, default="val_final_dsc",
+                    help="validation number (higher is better) that picks the epoch copied to OUT/best")
+    ap.add_argument("--keep", type=int, default=2,
+                    help="epoch checkpoint folders kept, the newest (0: all); OUT/best and "
+                         "OUT/final are kept apart")
+    ap.add_argument("--quick", action="store_true",
+                    help="a first run in minutes on a CPU: " + ", ".join(
+                        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                        for k, v in QUICK.items()) + " (flags given override them)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--box-style", choices=("2d", "3d"), default=None,
                     help="box drawing of the trained model (default: the init card's; 2d from scratch)")
     ap.add_argument("--demo", action="store_true", help="mark the model card as a demo model")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    if "--quick" in (sys.argv[1:] if argv is None else argv):
+        ap.set_defaults(**QUICK)
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
     ctx = setup(a.device, a.dist_timeout)
     try:
         return _run(a, argv, ctx)
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback, the shell's status for SIGINT
+        if ctx.is_main:
+            print(interrupted_message(a.out), file=sys.stderr, flush=True)
+        return 130
     finally:
         teardown(ctx)
 
@@ -139,7 +178,14 @@ def _run(a, argv, ctx) -> int:
     ran = f"`{cmd}` ({time.strftime('%Y-%m-%d')})"  # the command and the day, for the card
     source = f"trained with {ran}"
     net, card = build_model(a.init, a.config, a.seed, a.box_style, a.demo, source)
-    validate = make_validator(a.val, a.val_n, a.val_clicks) if a.val and ctx.is_main else None
+    if card.demo and not a.demo and latest_checkpoint(a.out) is None:
+        say(f"{a.init} is a demo model: the trained model's card keeps \"demo\": true "
+            "(build.sh builds it only with --demo)")
+    if a.val and ctx.is_main:
+        validate = make_validator(a.val, a.val_n or None, a.val_clicks,
+                                  log=lambda line: tqdm.write(line, file=sys.stderr))
+    else:
+        validate = None
     global_batch = a.batch_size * ctx.world_size
     lr = scaled_lr(a.lr, global_batch, a.lr_scale)
     trainer = Trainer(net, card, cases, a.out, epochs=a.epochs, steps_per_epoch=a.steps_per_epoch,
@@ -147,7 +193,8 @@ def _run(a, argv, ctx) -> int:
                       p_box=a.p_box, p_second=a.p_second, device=a.device, validate=validate,
                       progress=not a.no_progress,
                       sim_autozoom=not a.no_sim_autozoom, p_zoom_out=a.p_zoom_out,
-                      p_refine=a.p_refine, dist=ctx, workers=a.workers, policy=a.policy)
+                      p_refine=a.p_refine, dist=ctx, workers=a.workers, policy=a.policy,
+                      keep=a.keep, best_metric=a.best_metric)
     if latest_checkpoint(a.out) is not None:
         trainer.resume()
         say(f"resuming {a.out} after epoch {trainer.epoch} (step {trainer.step}); --init ignored")
@@ -161,7 +208,8 @@ def _run(a, argv, ctx) -> int:
            f"lr {lr:.3g}" if ctx.enabled else ""))
     t0 = time.time()
     final = trainer.fit()
-    say(f"done in {time.time() - t0:.0f} s: {final}")
+    best = f"; best by {a.best_metric}: {a.out}/{BEST}" if validate is not None else ""
+    say(f"done in {time.time() - t0:.0f} s: {final}{best}")
     return 0
 
 

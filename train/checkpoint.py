@@ -6,7 +6,12 @@ Layout of a run folder ``OUT``::
     OUT/epoch_0003/weights.pt        plain dict of tensors (infer.convert.write_artifact)
     OUT/epoch_0003/train_state.pt    optimizer / grad-scaler state, epoch, step (plain containers)
     OUT/latest                       text: the name of the newest complete checkpoint folder
+    OUT/best/                        the artifact of the epoch with the best validation score so
+                                     far, with best.json (epoch, metric, value); runs with --val only
     OUT/final/                       the artifact (card + weights) of the last epoch, once done
+
+Only the newest ``keep`` epoch folders stay (``keep`` <= 0: all of them); ``best/`` and ``final/``
+are separate copies, never removed.
 
 A checkpoint folder is filled under a temporary name and renamed into place, then ``latest`` is
 replaced, both through ``infer.io.atomic_write``: an interrupted write leaves the previous
@@ -14,6 +19,8 @@ checkpoint and ``latest`` untouched. Every file is read back with ``torch.load(w
 """
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
 
@@ -26,6 +33,8 @@ from infer.weights import read_artifact
 
 LATEST = "latest"
 STATE_FILE = "train_state.pt"
+BEST = "best"
+BEST_FILE = "best.json"
 
 
 def epoch_dir_name(epoch: int) -> str:
@@ -37,7 +46,7 @@ def save_checkpoint(out, epoch: int, state_dict: dict, card: ModelCard, train_st
     """Write checkpoint ``epoch`` (number of completed epochs) into ``out``; returns its folder.
 
     ``train_state``: plain containers of tensors / numbers / strings (optimizer.state_dict() etc.).
-    Older epoch folders beyond the newest ``keep`` are removed.
+    Older epoch folders beyond the newest ``keep`` are removed (``keep`` <= 0: none is).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,10 +56,39 @@ def save_checkpoint(out, epoch: int, state_dict: dict, card: ModelCard, train_st
         torch.save(train_state, Path(tmp) / STATE_FILE)
     with atomic_write(out / LATEST, "w", encoding="utf-8") as f:
         f.write(final.name + "\n")
-    olds = sorted(p for p in out.glob("epoch_*") if p.is_dir() and p.name != final.name)
-    for p in olds[: max(0, len(olds) - (keep - 1))]:
-        shutil.rmtree(p, ignore_errors=True)
+    if keep > 0:
+        olds = sorted(p for p in out.glob("epoch_*") if p.is_dir() and p.name != final.name)
+        for p in olds[: max(0, len(olds) - (keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
     return final
+
+
+def read_best(out) -> dict | None:
+    """``OUT/best/best.json`` ({"epoch", "metric", "value", "higher_is_better"}), or None."""
+    p = Path(out) / BEST / BEST_FILE
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def is_better(value, best: dict | None, metric: str) -> bool:
+    """True when ``value`` (of ``metric``, higher is better) beats ``best`` (``read_best``'s
+    record); a NaN or missing value never does, anything finite beats no record or another
+    metric's record."""
+    if value is None or not math.isfinite(value):
+        return False
+    if best is None or best.get("metric") != metric or best.get("value") is None:
+        return True
+    return value > best["value"]
+
+
+def save_best(out, state_dict: dict, card: ModelCard, record: dict) -> Path:
+    """Write ``OUT/best`` (card + weights + best.json holding ``record``), atomically."""
+    folder = Path(out) / BEST
+    with atomic_write(folder, folder=True) as tmp:
+        write_artifact(tmp, {k: v.detach().cpu() for k, v in state_dict.items()}, card)
+        (Path(tmp) / BEST_FILE).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return folder
 
 
 def latest_checkpoint(out) -> Path | None:

@@ -5,7 +5,9 @@ for epoch ``e`` draws from ``np.random.default_rng([seed, e])`` only, so a run r
 checkpoint of epoch ``e`` (network weights, optimizer and grad-scaler state, epoch counter) takes
 exactly the steps an uninterrupted run takes. An epoch interrupted half-way is redone from its
 start. After each epoch an optional ``validate(predictor) -> dict`` runs (the warm evaluation),
-its numbers go to ``OUT/log.jsonl`` with the epoch's mean loss.
+its numbers go to ``OUT/log.jsonl`` with the epoch's mean loss; when its ``best_metric`` (higher
+is better) beats every earlier epoch's, the epoch's artifact is copied to ``OUT/best``
+(``train.checkpoint.save_best``). Only the newest ``keep`` epoch folders stay (<= 0: all).
 
 Distributed (``dist``: a ``train.distributed.DistContext`` of more than one process) or with
 data-loader worker processes (``workers`` > 0), examples come from ``train.loader`` instead: one
@@ -31,7 +33,8 @@ from tqdm import tqdm
 from infer.card import ModelCard
 from infer.predictor import Predictor, normalize_image
 
-from .checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (BEST, export_final, is_better, latest_checkpoint, load_checkpoint, read_best,
+                         save_best, save_checkpoint)
 from .data import Case, epoch_plan
 from .distributed import DistContext
 from .loader import ExampleSet, finish_batch, make_loader
@@ -49,7 +52,7 @@ class Trainer:
                  validate: Optional[Callable[[Predictor], dict]] = None, progress: bool = True,
                  keep: int = 2, sim_autozoom: bool = True, p_zoom_out: float = 0.0,
                  p_refine: float = 0.0, dist: Optional[DistContext] = None, workers: int = 0,
-                 policy=None):
+                 policy=None, best_metric: str = "val_final_dsc"):
         self.dist = dist or DistContext.single(device)
         self.device = self.dist.device
         self.network = network.to(self.device).train().requires_grad_(True)
@@ -61,7 +64,8 @@ class Trainer:
         self.p_box, self.p_second, self.dice_weight = float(p_box), float(p_second), float(dice_weight)
         self.validate = validate
         self.progress = progress and self.dist.is_main
-        self.keep = keep
+        self.keep = int(keep)
+        self.best_metric = best_metric
         self.amp = (self.device.type == "cuda") if amp is None else bool(amp and self.device.type == "cuda")
         if lr_schedule not in ("constant", "poly"):
             raise ValueError(f"lr_schedule must be 'constant' or 'poly', not {lr_schedule!r}")
@@ -199,18 +203,34 @@ class Trainer:
             record = {"epoch": self.epoch, "step": self.step, "loss": mean_loss,
                       "lr": self.epoch_lr(self.epoch - 1),
                       "train_s": round(time.time() - t0, 1)}
+            best_line = None
             if self.validate is not None:
                 t1 = time.time()
                 self.network.eval()
                 record.update(self.validate(self.predictor))
                 self.network.train()
                 record["val_s"] = round(time.time() - t1, 1)
+                value = record.get(self.best_metric)
+                best = read_best(self.out)
+                if is_better(value, best, self.best_metric):
+                    folder = save_best(self.out, self.network.state_dict(), self.card,
+                                       {"epoch": self.epoch, "step": self.step,
+                                        "metric": self.best_metric, "value": value,
+                                        "higher_is_better": True})
+                    record["best"] = True
+                    best_line = (f"best so far: epoch {self.epoch}, {self.best_metric}={value:.4g} "
+                                 f"-> {folder}")
+                elif best is not None:
+                    best_line = (f"best stays epoch {best['epoch']}, {best['metric']}="
+                                 f"{best['value']:.4g} ({self.out / BEST})")
             with open(self.out / "log.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                                     for k, v in record.items()}) + "\n")
             # the epoch line is printed with or without the progress bar (rank 0 only)
             tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) and math.isfinite(v)
                                 else f"{k}={v}" for k, v in record.items()))
+            if best_line:
+                tqdm.write(best_line)
             self.dist.barrier()
         final = (export_final(self.out, self.network.state_dict(), self.card) if self.dist.is_main
                  else self.out / "final")
