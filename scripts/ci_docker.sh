@@ -10,7 +10,7 @@
 #   usage: bash scripts/ci_docker.sh [DOCKER_SETUP_SCRIPT]
 set -euo pipefail
 case "${1:-}" in
-    -h|--help) sed -n '2,7s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
 esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
