@@ -59,15 +59,21 @@ def quality_row(rows: List[dict]) -> dict:
     return row
 
 
+def box_fill(rows: List[dict]) -> float:
+    """Mean Dice of filling each class's box as a 3D block (``scripts.box_baseline``'s CSV) over
+    the cases with boxes: the floor a box stage has to beat."""
+    return _mean(r["DSC_box3d"] for r in rows)
+
+
 def _f(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
 def demo_quality(folder: Path, index: Dict[str, dict]) -> str:
     """One table row per measurement whose ``table`` is ``demo-quality``."""
-    lines = ["| cases | box stage -> DSC_Final (box cases) | 1st click -> DSC_Final (no-box) "
-             "| DSC_Final | click harm | how |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| cases | box filled (no model) | box stage -> DSC_Final (box cases) "
+             "| 1st click -> DSC_Final (no-box) | DSC_Final | click harm | how |",
+             "|---|---|---|---|---|---|---|"]
     for name, entry in index.items():
         if entry.get("table") != "demo-quality":
             continue
@@ -75,7 +81,9 @@ def demo_quality(folder: Path, index: Dict[str, dict]) -> str:
         box = f"{_f(r['box DSC'])} -> {_f(r['final (box)'])}" if r["n box"] else "n/a"
         nobox = (f"{_f(r['first click (no-box)'])} -> {_f(r['final (no-box)'])}"
                  if r["cases"] > r["n box"] else "n/a")
-        lines.append(f"| {entry['label']} ({r['cases']} cases) | {box} | {nobox} | "
+        fill = (_f(box_fill(read_rows(folder, index[entry["box_fill"]])))
+                if entry.get("box_fill") else "n/a")
+        lines.append(f"| {entry['label']} ({r['cases']} cases) | {fill} | {box} | {nobox} | "
                      f"{_f(r['DSC_Final'])} | {100 * r['click harm']:.1f} % | {entry['mode']}, "
                      f"[{name}](docs/measurements/{entry['file']}) |")
     return "\n".join(lines) + "\n"

@@ -17,7 +17,11 @@ def _write(folder, rows):
         w.writeheader()
         for r in rows:
             w.writerow(dict(zip(FIELDS, r)))
-    index = {"toy": {"file": "m.csv", "label": "toy set", "table": "demo-quality", "mode": "cold"}}
+    with open(folder / "fill.csv", "w", newline="") as f:  # box filled as a 3D block, 2 box cases
+        f.write("CaseName,num_class,DSC_box3d,DSC_box2d\na,1,0.40,0.1\nb,2,0.50,0.2\n")
+    index = {"toy": {"file": "m.csv", "label": "toy set", "table": "demo-quality", "mode": "cold",
+                     "box_fill": "fill"},
+             "fill": {"file": "fill.csv", "label": "fill", "table": None, "mode": "no model"}}
     (folder / "index.json").write_text(json.dumps(index))
     return figures.load_index(folder)
 
@@ -46,7 +50,7 @@ def test_render_replaces_only_the_block_and_fixes_links_for_docs(tmp_path):
     top = figures.render(text, tmp_path, index, figures.ROOT / "README.md")
     assert top.startswith("intro\n<!-- figures:demo-quality -->\n| cases |")
     assert top.endswith("<!-- /figures:demo-quality -->\noutro\n") and "old 0.99" not in top
-    assert "| toy set (3 cases) | 0.650 -> 0.850 | 0.300 -> 0.500 | 0.733 | 7.1 % | cold, " in top
+    assert "| toy set (3 cases) | 0.450 | 0.650 -> 0.850 | 0.300 -> 0.500 | 0.733 | 7.1 % | cold, " in top
     assert "](docs/measurements/m.csv)" in top
     inner = figures.render(text, tmp_path, index, figures.ROOT / "docs" / "FIGURES.md")
     assert "](measurements/m.csv)" in inner and "](docs/" not in inner
