@@ -200,23 +200,10 @@ def logit_agreement(low, ref) -> dict:
             "finite": finite}
 
 
-# The predictor's out-of-memory log lines (infer/predictor.py), one pattern per rung.
-RUNG_PATTERNS = (
-    ("zoom_1", r"device out of memory \(.*\): retrying at zoom 1 without autozoom"),
-    ("cpu_class", r"device out of memory again \(.*\): retrying on the CPU"),
-    ("cpu_case", r"device out of memory for the whole case \(.*\): running it on the CPU"),
-    ("smaller_zoom", r"device out of memory at zoom [\d.]+: keeping the smaller zoom"),
-    ("class_failed", r"class \d+: OutOfMemoryError"),
-)
-
-
-def ladder_rungs(log_text: str) -> list:
-    """The out-of-memory rungs the predictor's log names, in the order they appear."""
-    hits = []
-    for name, pattern in RUNG_PATTERNS:
-        for m in re.finditer(pattern, log_text):
-            hits.append((m.start(), name))
-    return [name for _, name in sorted(hits)]
+def ladder_rungs(events: list) -> list:
+    """The out-of-memory rungs the predictor took, in order, from its structured events
+    (``Predictor.events``: dicts with ``event == "out_of_memory"`` and the ``rung`` name)."""
+    return [e["rung"] for e in events if e.get("event") == "out_of_memory"]
 
 
 def mode_settings(args) -> dict:
@@ -850,7 +837,7 @@ def ladder_child(cfg: dict) -> dict:
     """In its own process (the memory cap is per process): predict the case once without a cap,
     measuring the peak memory outside and inside forward passes; then under caps chosen from
     those peaks (scenario "forward": the forward does not fit; "case": the volume-sized arrays
-    do not fit), until the predictor's log names an out-of-memory rung."""
+    do not fit), until the predictor's events name an out-of-memory rung."""
     import logging
 
     import torch
@@ -902,12 +889,13 @@ def ladder_child(cfg: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0))
         records.clear()
+        pred.events.clear()
         t = time.perf_counter()
         segs = pred.predict(case)
         dt = time.perf_counter() - t
         torch.cuda.set_per_process_memory_fraction(1.0)
         tried.append(cap)
-        rungs = ladder_rungs("\n".join(records))
+        rungs = ladder_rungs(pred.events)
         errors = [r for r in records if re.search(r"class \d+: \w+(Error|Exception)", r)]
         log_tail = records[-6:]
         write_segs(cfg["output"], segs)

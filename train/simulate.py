@@ -7,8 +7,8 @@ One training example for one class of one case, built exactly as inference sees 
    prediction (``evaluation.clicks.next_click`` against an all-zero mask: the centre of the largest
    ground-truth component, always a foreground click).
 2. With probability ``p_second``, a second step: the network is run without gradients through the
-   predictor's own per-class path (``Predictor.predict_class``: crop choice, zooming out,
-   resampling back into the volume, as its policy decides), the organizer's click is placed on
+   inference's own per-class loop (``infer.interaction.run_class`` on the predictor's engine:
+   crop choice, zooming out, resampling back into the volume, as its policy decides), the organizer's click is placed on
    that prediction (``evaluation.clicks.next_click``: largest 26-connected error component,
    maximum-EDT voxel, fg/bg by the truth), and the previous-mask and click channels are updated
    (prompts rebuilt with ``infer.prompts.class_prompts`` from a case dict in the harness's form).
@@ -36,7 +36,10 @@ import torch
 
 from evaluation.clicks import Click, ClickState, next_click
 from infer.card import ModelCard
+from infer.budget import Budget
+from infer.frame import Frame
 from infer.geometry import Crop, bbox_of, crop_to_patch
+from infer.interaction import ClassInput, run_class
 from infer.policy import Policy, initial_view, sample_tile, view_crop
 from infer.predictor import Predictor, network_input
 from infer.prompts import ClassPrompts, class_prompts
@@ -111,26 +114,18 @@ def predict_volume(predictor: Optional[Predictor], image: torch.Tensor, prompts:
     only). Raises :class:`ModelNeeded` without a predictor."""
     if predictor is None:
         raise ModelNeeded
-    shape = tuple(image.shape)
-    pred = np.zeros(shape, dtype=bool)
     policy = predictor.policy if autozoom else predictor.policy.replace(zoom_out="none", refine="none")
     was_training = predictor.network.training
     predictor.network.eval()
     try:
         with torch.no_grad():
-            region = predictor.predict_class(image, prompts, prev_k, policy=policy)
+            region = run_class(predictor.engine, policy, ClassInput(image, prompts, prev_k), Budget(),
+                               Frame.whole(image.shape))
     finally:
         predictor.network.train(was_training)
-    if region is not None:
-        vals, lo, hi = region
-        vals = vals.clone()
-        sl = tuple(slice(l, h) for l, h in zip(lo, hi))
-        # NaN: voxels the policy left to the previous mask (none here: prev_k is not given)
-        keep = torch.isnan(vals)
-        if prev_k is not None and bool(keep.any()):
-            vals[keep] = prev_k[sl][keep].float()
-        pred[sl] = (vals > 0.5).cpu().numpy()
-    return pred
+    if region is None:
+        return np.zeros(tuple(image.shape), dtype=bool)
+    return region.binary(prev_k, image.shape)
 
 
 def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.ndarray,
