@@ -69,7 +69,7 @@ def cases(tmp: Path) -> List[Tuple[str, Path, np.ndarray]]:
 
 def write_set_one(tmp: Path, i: int, knobs, make_case) -> str:
     """Write held-out case ``i`` as ``scripts.heldout.write_set`` writes it; returns its name."""
-    from scripts.synthetic import _atomic_savez, _object_array
+    from scripts.synth_base import _atomic_savez, _object_array
     c = make_case(i, knobs=knobs)
     arrays = {"imgs": c["imgs"], "spacing": c["spacing"]}
     if c["boxes"] is not None:

@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts.bench import random_network  # noqa: E402
+
 # ------------------------------------------------------------------------------- targets
 # The performance targets, in one place. They are stated for an H100-class GPU (H100, H200, H800,
 # GH200); on another GPU they are still checked and the report names the GPU.
@@ -301,33 +303,6 @@ def write_release_folder(dst, state_dict: dict, arch: dict, patch, configuration
     }
     torch.save(checkpoint, root / "fold_0" / "checkpoint_final.pth")
     return root
-
-
-def random_network(arch: dict, device="cpu", seed: int = 0, background_bias: bool = True):
-    """The network of ``arch`` (8 input channels, 2 classes) with He-normal convolutions, unit
-    norms and zero biases, built on the meta device and materialised on ``device``.
-    ``background_bias``: the last seg layer's weights scaled by 0.01 and its bias (4, -4), so that
-    every voxel is background and each class takes exactly one forward pass (timing: no autozoom,
-    no refinement)."""
-    import torch
-    from infer.network import build_network
-    with torch.device("meta"):
-        net = build_network(arch, 8, 2)
-    net = net.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if ".norm." in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, (2.0 / (p[0].numel() if p.dim() > 1 else 1)) ** 0.5, generator=gen)
-        if background_bias:
-            seg = net.decoder.seg_layers[-1]
-            seg.weight.mul_(0.01)
-            seg.bias.copy_(torch.tensor([4.0, -4.0]))
-    return net.eval()
 
 
 def _get(d, *keys):

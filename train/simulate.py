@@ -2,7 +2,7 @@
 
 One training example for one class of one case, built exactly as inference sees it:
 
-1. First interaction: with probability ``p_box`` the organizer's box (``scripts.synthetic.box_for_mask``:
+1. First interaction: with probability ``p_box`` the organizer's box (``evaluation.boxes.box_for_mask``:
    ``z_min..z_max`` and a jittered 2D box on ``z_mid``), otherwise one click from the empty
    prediction (``evaluation.clicks.next_click`` against an all-zero mask: the centre of the largest
    ground-truth component, always a foreground click).
@@ -34,6 +34,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from evaluation.boxes import box_for_mask
 from evaluation.clicks import Click, ClickState, next_click
 from infer.card import ModelCard
 from infer.budget import Budget
@@ -43,7 +44,6 @@ from infer.interaction import ClassInput, run_class
 from infer.policy import Policy, initial_view, sample_tile, view_crop
 from infer.predictor import Predictor, network_input
 from infer.prompts import ClassPrompts, class_prompts
-from scripts.synthetic import box_for_mask
 
 
 @dataclass
