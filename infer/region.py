@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .io import label_dtype
+from .writer import label_dtype
 
 Vec3 = Tuple[int, int, int]
 Box = Tuple[Vec3, Vec3]

@@ -195,7 +195,7 @@ def cold_stage_pairs(case: Path, weights: Path, device: str, repeats: int, work:
 def time_write(shape, repeats: int, folder: Path) -> tuple[float, list]:
     """Median seconds of ``write_segs`` for a (shape) uint8 label map with a few labels."""
     import numpy as np
-    from infer.io import write_segs
+    from infer.writer import write_segs
     segs = np.zeros(shape, np.uint8)
     d = shape[0]
     segs[d // 4: d // 2] = 1

@@ -33,7 +33,7 @@ import torch
 
 from evaluation.clicks import ClickState, class_labels, simulate_round
 from evaluation.runner import write_stage_input
-from infer.io import read_case
+from infer.npz import read_case
 from infer.policy import PRESETS
 from infer.predictor import Predictor
 

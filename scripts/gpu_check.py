@@ -433,7 +433,7 @@ def write_report(out_dir, report: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_NAME
-    from infer.io import atomic_write
+    from infer.writer import atomic_write
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(report, indent=1, default=str) + "\n")
     return path
@@ -736,7 +736,7 @@ def _predict_sh(inputs, outputs, weights, device, timeout=900) -> subprocess.Com
 
 def section_demo(run: Run) -> dict:
     import numpy as np
-    from infer.io import read_case
+    from infer.npz import read_case
     from infer.prompts import num_classes
     inputs, weights = Path(run.args.sample_inputs), Path(run.args.demo_weights)
     outs, logs = {}, {}
@@ -816,7 +816,8 @@ def ladder_child(cfg: dict) -> dict:
     import logging
 
     import torch
-    from infer.io import read_case, write_segs
+    from infer.npz import read_case
+    from infer.writer import write_segs
     from infer.predictor import Predictor
     records = []
 

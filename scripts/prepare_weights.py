@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from infer.weights import sha256_file
-from infer.io import atomic_write
+from infer.writer import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 REPO_ID = "nnInteractive/nnInteractive"

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.io import atomic_write
+from infer.writer import atomic_write
 
 
 def _grid_mm(shape, spacing):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from infer.io import read_case
+from infer.npz import read_case
 from infer.predictor import Predictor
 from scripts.gpu_check import dice_per_class
 

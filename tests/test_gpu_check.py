@@ -17,7 +17,7 @@ import torch
 
 import infer.predictor
 from infer.card import ModelCard
-from infer.io import read_case
+from infer.npz import read_case
 from infer.predictor import Predictor
 from infer.prompts import class_prompts, num_classes
 from infer.weights import load_model
