@@ -135,7 +135,7 @@ class Refinement:
         inner, flo, fhi = self.frame.inner(region.values, region.lo, region.hi)
         rng = np.random.RandomState(0)  # the cover's random fallback: reproducible
         patch = self.engine.patch
-        starts = refine_tiles(self.policy, inner, flo, fhi, self.x.prev, shape, patch,
+        starts = refine_tiles(self.policy, (inner, flo, fhi), self.x.prev, shape, patch,
                               [int(round(c)) for c in center], rng)
         if not starts:
             return [], None

@@ -352,16 +352,18 @@ def bbox_tiles(box: Box, patch: Sequence[int]) -> List[Vec3]:
     return [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
 
 
-def refine_tiles(policy: Policy, coarse: torch.Tensor, lo: Sequence[int], hi: Sequence[int],
-                 prev: Optional[torch.Tensor], shape: Sequence[int], patch: Sequence[int],
-                 center: Sequence[float], rng: Optional[np.random.RandomState] = None) -> List[Vec3]:
-    """Starts of the zoom-1 refinement tiles after a zoomed-out prediction ``coarse`` (values over
-    ``[lo, hi)`` of a volume of ``shape``, > 0.5 = object). "tiles": :func:`bbox_tiles` over the
+def refine_tiles(policy: Policy, coarse, prev: Optional[torch.Tensor], shape: Sequence[int],
+                 patch: Sequence[int], center: Sequence[float],
+                 rng: Optional[np.random.RandomState] = None) -> List[Vec3]:
+    """Starts of the zoom-1 refinement tiles after a zoomed-out prediction ``coarse`` =
+    ``(values, lo, hi)`` (values over ``[lo, hi)`` of a volume of ``shape``, > 0.5 = object; an
+    ``infer.region.Region`` or a plain tuple). "tiles": :func:`bbox_tiles` over the
     coarse object (none when it has no voxel or needs more than ``max_refine_patches``); "diff":
     :func:`cover_tiles` of :func:`diff_map` against ``prev``, or the :func:`fallback_tile` around
     ``center`` when that map is empty; "none": no tile."""
     if policy.refine == "none":
         return []
+    coarse, lo, hi = coarse
     if policy.refine == "tiles":
         box = bbox_of(coarse > 0.5)
         if box is None:

@@ -219,11 +219,11 @@ def test_refine_tiles_for_each_mode():
     # project tiles over the object's box: z 20 <= 32 -> 10 + (20 - 32) // 2 = 4; y 40 > 32 ->
     # two tiles spread over [5, 13]; x -> 20 - 6 = 14
     assert bbox_tiles(((10, 5, 20), (30, 45, 40)), (32, 32, 32)) == [(4, 5, 14), (4, 13, 14)]
-    assert refine_tiles(PROJ, coarse, lo, hi, None, shape, (32,) * 3, (20, 25, 30)) == [(4, 5, 14), (4, 13, 14)]
-    assert refine_tiles(PROJ.replace(max_refine_patches=1), coarse, lo, hi, None, shape, (32,) * 3, (0, 0, 0)) == []
-    assert refine_tiles(PROJ.replace(refine="none"), coarse, lo, hi, None, shape, (32,) * 3, (0, 0, 0)) == []
+    assert refine_tiles(PROJ, (coarse, lo, hi), None, shape, (32,) * 3, (20, 25, 30)) == [(4, 5, 14), (4, 13, 14)]
+    assert refine_tiles(PROJ.replace(max_refine_patches=1), (coarse, lo, hi), None, shape, (32,) * 3, (0, 0, 0)) == []
+    assert refine_tiles(PROJ.replace(refine="none"), (coarse, lo, hi), None, shape, (32,) * 3, (0, 0, 0)) == []
     # diff: the coarse object against an empty previous mask; the tiles cover the opened difference
-    tiles = refine_tiles(REF, coarse, lo, hi, None, shape, (32,) * 3, (20, 25, 30))
+    tiles = refine_tiles(REF, (coarse, lo, hi), None, shape, (32,) * 3, (20, 25, 30))
     d = diff_map(coarse, lo, hi, None, shape)
     covered = torch.zeros(shape, dtype=torch.bool)
     for t in tiles:
@@ -232,7 +232,7 @@ def test_refine_tiles_for_each_mode():
     # no difference (previous mask = coarse): the one tile around the interaction's centre
     prev = torch.zeros(shape, dtype=torch.bool)
     prev[10:30, 5:45, 20:40] = True
-    assert refine_tiles(REF, coarse, lo, hi, prev, shape, (32,) * 3, (20, 25, 30)) == [(4, 9, 14)]
+    assert refine_tiles(REF, (coarse, lo, hi), prev, shape, (32,) * 3, (20, 25, 30)) == [(4, 9, 14)]
     assert fallback_tile((20, 25, 30), (32, 32, 32)) == ((4, 9, 14), (36, 41, 46))
 
 
