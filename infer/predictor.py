@@ -26,10 +26,10 @@ import torch
 
 from .budget import Budget
 from .card import ModelCard
-from .engine import Engine, free_device, network_input  # noqa: F401 - network_input: train's import
+from .engine import Engine, free_device
 from .frame import Frame
 from .geometry import bbox_of
-from .interaction import ClassInput, first_view, run_class
+from .interaction import ClassInput, run_class
 from .policy import Policy, mirror_flips, parse_policy
 from .prompts import class_prompts, num_classes
 from .region import MERGES, Region, class_values
@@ -155,14 +155,10 @@ class Predictor:
         network, card = load_model(path, device=dev)
         return cls(network, card, dev, policy=policy, **kw)
 
-    def initial_view(self, prompts, prev_k: Optional[torch.Tensor], prev_box=None):
-        """(centre, zoom) of the first crop (``infer.interaction.first_view`` with this policy)."""
-        return first_view(self.policy, prompts, prev_k, self.patch, prev_box)
-
     # ------------------------------------------------------------------ public API
     def predict(self, case: dict, deadline: Optional[float] = None,
                 clock: Callable[[], float] = time.monotonic) -> np.ndarray:
-        """Segment every class of ``case`` (a dict as ``infer.io.read_case`` returns).
+        """Segment every class of ``case`` (a dict as ``infer.npz.read_case`` returns).
 
         Returns ``segs``: (D, H, W) uint8 (uint16 when K > 255), labels 0..K. A class that fails
         keeps its previous mask (zeros in the box stage) and the error is logged. ``deadline``
