@@ -48,3 +48,16 @@ def test_the_out_of_memory_ladder_is_data():
     capped = CLASS_RUNGS[1].policy(pol)
     assert capped.max_zoom == 1.0 and capped.zoom_out == "none" and not CLASS_RUNGS[1].cpu
     assert CLASS_RUNGS[2].cpu
+
+
+def test_the_network_computes_the_same_in_train_and_eval_mode():
+    """Why training may run the inference loop without switching the network to eval mode: its
+    layers (convolutions, instance norm without running statistics, LeakyReLU) have no
+    mode-dependent behaviour."""
+    from tests.tinymodel import IN_CHANNELS, TINY_PATCH, tiny_network
+    net = tiny_network(seed=3)
+    x = torch.randn(1, IN_CHANNELS, *TINY_PATCH, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = net.train()(x)
+        b = net.eval()(x)
+    assert torch.equal(a, b)
