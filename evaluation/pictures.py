@@ -222,10 +222,10 @@ def _marker(ax, click, size, alpha) -> None:
 
 def draw_case_from_files(result, image_path, gts_path, segs: Sequence[np.ndarray], path, **kw) -> Path:
     """:func:`draw_case` reading ``imgs`` / ``spacing`` (plain arrays) and ``boxes`` (through
-    ``infer.io.read_case``'s restricted unpickler) from the image file and ``gts`` from
+    ``infer.npz.read_case``'s restricted unpickler) from the image file and ``gts`` from
     ``gts_path`` (or the image file when None). ``segs``: the outputs of the stages that ran, in
     order (``evaluate_case(keep_segs=True)``)."""
-    from infer.io import read_case
+    from infer.npz import read_case
     boxes = read_case(image_path, keys=("boxes",))["boxes"] if result.has_boxes else None
     if boxes is not None:
         boxes = [b if isinstance(b, dict) else None for b in boxes]  # an unusable entry: no box drawn

@@ -129,11 +129,12 @@ class ColdRunner:
 
 class WarmRunner:
     """One in-process predictor for every stage: ``predict(case_dict) -> segs`` where the case
-    dict is what ``infer.io.read_case`` returns. An exception is logged and leaves no output
+    dict is what ``infer.npz.read_case`` returns. An exception is logged and leaves no output
     (scored as a missing output), like a crashed container."""
 
     def __init__(self, predict: Callable, log: Callable = print):
-        from infer.io import read_case, write_segs  # the image's own reader and writer
+        from infer.npz import read_case  # the image's own reader and writer
+        from infer.writer import write_segs
         self.predict, self.log = predict, log
         self._read, self._write = read_case, write_segs
         self.last_problem: Optional[str] = None

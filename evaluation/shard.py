@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from .runner import REPO_ROOT, CaseResult
-from infer.io import atomic_write
+from infer.writer import atomic_write
 
 DONE_MARK = "@@evaluation-case-done "  # a worker's stdout line: one case finished
 _SKIP = ("clicks", "segs")  # CaseResult fields the report does not use

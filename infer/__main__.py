@@ -93,7 +93,8 @@ def _fallback_segs(path, case, limits):
     the file is read again for imgs and prev_pred only, and last for the shape in the imgs
     header)."""
     import numpy as np
-    from .io import imgs_shape, label_dtype, read_case, to_labels
+    from .npz import imgs_shape, read_case
+    from .writer import label_dtype, to_labels
     from .prompts import num_classes
     k = None
     if case is not None:
@@ -113,7 +114,7 @@ def _fallback_segs(path, case, limits):
 
 
 def _one_line(exc: BaseException) -> str:
-    from .io import _exc_text
+    from .errors import exc_text as _exc_text
     text = _exc_text(exc, 300)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -181,7 +182,8 @@ def main(argv=None, clock=None) -> int:
         return 1
 
     import torch
-    from .io import Limits, label_dtype, read_case, write_segs
+    from .npz import Limits, read_case
+    from .writer import label_dtype, write_segs
     from .predictor import Predictor
     from .prompts import num_classes
     limits = Limits.for_memory(args.memory_gb)

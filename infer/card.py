@@ -13,7 +13,7 @@ import os
 import re
 from pathlib import Path
 
-from .io import atomic_write
+from .writer import atomic_write
 from .network import ArchitectureError, normalize_arch
 
 FORMAT = "nnint-card/1"

@@ -3,7 +3,7 @@
 SRC is an nnInteractive release folder (or the folder above it) or an existing artifact. DST gets
 ``weights.pt`` (a plain dict of tensors, loadable with ``torch.load(weights_only=True)``) and
 ``model_card.json`` (with the sha256 of weights.pt). Both are written atomically
-(``infer.io.atomic_write``: a temporary file in DST, then a rename). ``--patch`` and ``--policy``
+(``infer.writer.atomic_write``: a temporary file in DST, then a rename). ``--patch`` and ``--policy``
 set the card's patch size and interaction policy (the network is fully convolutional: the same
 weights run at any patch that its strides divide).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .card import CARD_FILE, CardError, ModelCard
-from .io import atomic_write
+from .writer import atomic_write
 from .weights import (WeightsError, find_model_root, instantiate, read_artifact, read_release,
                       sha256_file)
 

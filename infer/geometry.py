@@ -81,18 +81,18 @@ def to_volume_coords(points: torch.Tensor, crop: Crop) -> torch.Tensor:
     return lo + (points.double() + 0.5) * sc - 0.5
 
 
-def _linear_axis(t: torch.Tensor, axis: int, n_in: int, n_out: int, out_start: int, out_stop: int,
+def _linear_axis(t: torch.Tensor, axis: int, n_in: int, n_out: int, window: Tuple[int, int],
                  src_offset: int, pad: float) -> torch.Tensor:
     """Linear resampling of a *virtual* 1-D signal along ``axis`` of ``t``.
 
     The virtual signal has ``n_in`` samples; sample ``i`` is ``t[src_offset + i]`` along ``axis``
     when that index lies inside ``t`` and ``pad`` otherwise. It is resampled to ``n_out`` samples
-    exactly as ``interpolate(align_corners=False)`` does, and outputs ``[out_start, out_stop)``
+    exactly as ``interpolate(align_corners=False)`` does, and outputs ``[start, stop) = window``
     are returned.
     """
     dev = t.device
     length = t.shape[axis]
-    k = torch.arange(out_start, out_stop, device=dev, dtype=torch.float64)
+    k = torch.arange(window[0], window[1], device=dev, dtype=torch.float64)
     c = ((k + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
     i0 = torch.floor(c).long().clamp(max=n_in - 1)
     i1 = (i0 + 1).clamp(max=n_in - 1)
@@ -165,7 +165,7 @@ def crop_to_patch(src: torch.Tensor, crop: Crop, origin: Sequence[int] = (0, 0, 
         if mode == "area":
             out = _area_axis(out, lead + a, crop.size[a], crop.patch[a], off, pad)
         else:
-            out = _linear_axis(out, lead + a, crop.size[a], crop.patch[a], 0, crop.patch[a], off, pad)
+            out = _linear_axis(out, lead + a, crop.size[a], crop.patch[a], (0, crop.patch[a]), off, pad)
     return out
 
 
@@ -180,8 +180,8 @@ def patch_to_region(patch: torch.Tensor, crop: Crop, shape: Sequence[int]) -> Tu
     out = patch
     lead = patch.dim() - 3
     for a in _axis_order(crop.patch, [h - l for l, h in zip(lo, hi)]):
-        out = _linear_axis(out, lead + a, crop.patch[a], crop.size[a], lo[a] - crop.lo[a],
-                           hi[a] - crop.lo[a], 0, 0.0)
+        out = _linear_axis(out, lead + a, crop.patch[a], crop.size[a],
+                           (lo[a] - crop.lo[a], hi[a] - crop.lo[a]), 0, 0.0)
     return out, lo, hi
 
 

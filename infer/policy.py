@@ -352,16 +352,18 @@ def bbox_tiles(box: Box, patch: Sequence[int]) -> List[Vec3]:
     return [(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]]
 
 
-def refine_tiles(policy: Policy, coarse: torch.Tensor, lo: Sequence[int], hi: Sequence[int],
-                 prev: Optional[torch.Tensor], shape: Sequence[int], patch: Sequence[int],
-                 center: Sequence[float], rng: Optional[np.random.RandomState] = None) -> List[Vec3]:
-    """Starts of the zoom-1 refinement tiles after a zoomed-out prediction ``coarse`` (values over
-    ``[lo, hi)`` of a volume of ``shape``, > 0.5 = object). "tiles": :func:`bbox_tiles` over the
+def refine_tiles(policy: Policy, coarse, prev: Optional[torch.Tensor], shape: Sequence[int],
+                 patch: Sequence[int], center: Sequence[float],
+                 rng: Optional[np.random.RandomState] = None) -> List[Vec3]:
+    """Starts of the zoom-1 refinement tiles after a zoomed-out prediction ``coarse`` =
+    ``(values, lo, hi)`` (values over ``[lo, hi)`` of a volume of ``shape``, > 0.5 = object; an
+    ``infer.region.Region`` or a plain tuple). "tiles": :func:`bbox_tiles` over the
     coarse object (none when it has no voxel or needs more than ``max_refine_patches``); "diff":
     :func:`cover_tiles` of :func:`diff_map` against ``prev``, or the :func:`fallback_tile` around
     ``center`` when that map is empty; "none": no tile."""
     if policy.refine == "none":
         return []
+    coarse, lo, hi = coarse
     if policy.refine == "tiles":
         box = bbox_of(coarse > 0.5)
         if box is None:
@@ -390,36 +392,3 @@ def sample_tile(policy: Policy, mask_box: Box, patch: Sequence[int], rng: np.ran
 def lasso(box_channel: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
     """Pseudo-lasso: the box+ channel kept only where the coarse mask is > 0.5."""
     return box_channel * (coarse > 0.5).to(box_channel.dtype)
-
-
-# ---------------------------------------------------------------------------- non-zero crop
-def _frame_box(box: Optional[Box], origin: Sequence[int], shape: Sequence[int]) -> Optional[Box]:
-    """A box in the frame ``[origin, origin + shape)``, as nnInteractive brings a box into its crop
-    of the image: shifted, clipped, and a box collapsed by the clipping made one voxel thick
-    (start 0: ``[0, 1)``, else its start moved back by one); None when still empty."""
-    if box is None:
-        return None
-    lo, hi = [], []
-    for l, h, o, s in zip(box[0], box[1], origin, shape):
-        a, b = max(0, l - o), min(s, h - o)
-        if b <= a:
-            if a == 0:
-                b = min(1, s)
-            else:
-                a = max(a - 1, 0)
-        lo.append(a)
-        hi.append(b)
-    if any(b <= a for a, b in zip(lo, hi)):
-        return None
-    return tuple(lo), tuple(hi)  # type: ignore[return-value]
-
-
-def to_frame(prompts, origin: Sequence[int], shape: Sequence[int]):
-    """A class's prompts (``infer.prompts.ClassPrompts``) in the frame ``[origin, origin +
-    shape)`` of the volume (the non-zero crop): box and extent as :func:`_frame_box`, clicks
-    shifted (a click outside the frame still centres the view; its ball is drawn where it reaches
-    into the frame)."""
-    return dataclasses.replace(
-        prompts, box=_frame_box(prompts.box, origin, shape),
-        extent=_frame_box(prompts.extent, origin, shape),
-        clicks=[(pos, tuple(int(v) - o for v, o in zip(p, origin))) for pos, p in prompts.clicks])

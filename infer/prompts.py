@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .entries import to_int
 from .geometry import Crop, crop_to_patch
 
 Vec3 = Tuple[int, int, int]
@@ -74,12 +75,8 @@ def _inside(p: Sequence[int], shape: Sequence[int]) -> bool:
 
 
 def _plain_int(v, what: str) -> int:
-    """``v`` as an int when it is an integer value (bool refused), else PromptError."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__index__"):
-        raise PromptError(f"{what}: expected an integer, got {type(v).__name__}")
-    if isinstance(v, float) and not (math.isfinite(v) and v == int(v)):
-        raise PromptError(f"{what}: expected an integer, got {v!r:.20}")
-    return int(v)
+    """``v`` as an int when it holds an integer value (``infer.entries.to_int``), else PromptError."""
+    return to_int(v, what, PromptError)
 
 
 def chronological_clicks(clicks: dict, order: Optional[list], shape: Sequence[int]) -> List[Tuple[bool, Vec3]]:
@@ -95,7 +92,7 @@ def chronological_clicks(clicks: dict, order: Optional[list], shape: Sequence[in
         for i, p in enumerate((clicks or {}).get(side, []) or []):
             if not isinstance(p, (list, tuple)) or len(p) != 3:
                 raise PromptError(f"{side} click {i}: expected [z, y, x]")
-            if type(p[0]) is int and type(p[1]) is int and type(p[2]) is int:  # as infer.io gives them
+            if type(p[0]) is int and type(p[1]) is int and type(p[2]) is int:  # as infer.npz.read_case gives them
                 out.append(tuple(p))
             else:
                 out.append(tuple(_plain_int(v, f"{side} click {i}") for v in p))
@@ -154,7 +151,7 @@ def box_from_dict(d: dict, shape: Sequence[int], style: str) -> Tuple[Optional[B
 
 def _entry(case: dict, key: str, k: int):
     """Class ``k``'s entry of ``case[key]`` (None when absent); PromptError for one that
-    ``infer.io`` marked unusable (any object with a ``why`` attribute)."""
+    ``infer.entries`` marked unusable (any object with a ``why`` attribute)."""
     items = case.get(key)
     entry = items[k - 1] if items is not None and k - 1 < len(items) else None
     if hasattr(entry, "why"):
@@ -163,7 +160,7 @@ def _entry(case: dict, key: str, k: int):
 
 
 def class_prompts(case: dict, k: int, box_style: str) -> ClassPrompts:
-    """The prompts of class ``k`` (1-based) in ``case`` (a dict as ``infer.io.read_case`` returns).
+    """The prompts of class ``k`` (1-based) in ``case`` (a dict as ``infer.npz.read_case`` returns).
 
     Raises PromptError when any of the class's entries cannot be used: the caller keeps that
     class's previous mask, the other classes are unaffected."""

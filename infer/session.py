@@ -2,7 +2,7 @@
 
 Set the image once, then add a box or clicks to the current object, read the mask, undo the last
 interaction, start a new object, or reset. Every interaction builds a case dict in the layout
-``infer.io.read_case`` returns (the organizer's keys) and calls ``Predictor.predict`` on it::
+``infer.npz.read_case`` returns (the organizer's keys) and calls ``Predictor.predict`` on it::
 
     session = Session(Predictor.from_path("weights/demo", device="cpu"))
     session.set_image(imgs, spacing=(2.0, 0.8, 0.8))        # (D, H, W), (z, y, x) in mm

@@ -85,6 +85,33 @@ COLD_ROWS = [
 WRITE_LABEL = "output write {shape} uint8"
 
 
+def random_network(arch: dict, device="cpu", seed: int = 0, background_bias: bool = True):
+    """The network of ``arch`` (8 input channels, 2 classes) with He-normal convolutions, unit
+    norms and zero biases, built on the meta device and materialised on ``device``.
+    ``background_bias``: the last seg layer's weights scaled by 0.01 and its bias (4, -4), so that
+    every voxel is background and each class takes exactly one forward pass (timing: no autozoom,
+    no refinement)."""
+    import torch
+    from infer.network import build_network
+    with torch.device("meta"):
+        net = build_network(arch, 8, 2)
+    net = net.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if ".norm." in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, (2.0 / (p[0].numel() if p.dim() > 1 else 1)) ** 0.5, generator=gen)
+        if background_bias:
+            seg = net.decoder.seg_layers[-1]
+            seg.weight.mul_(0.01)
+            seg.bias.copy_(torch.tensor([4.0, -4.0]))
+    return net.eval()
+
+
 def _env(extra: dict | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -168,7 +195,7 @@ def cold_stage_pairs(case: Path, weights: Path, device: str, repeats: int, work:
 def time_write(shape, repeats: int, folder: Path) -> tuple[float, list]:
     """Median seconds of ``write_segs`` for a (shape) uint8 label map with a few labels."""
     import numpy as np
-    from infer.io import write_segs
+    from infer.writer import write_segs
     segs = np.zeros(shape, np.uint8)
     d = shape[0]
     segs[d // 4: d // 2] = 1
@@ -190,7 +217,6 @@ def make_random_artifact(dst: Path, arch: dict, patch, device: str = "cpu") -> P
     background (one forward pass per class, no autozoom)."""
     from infer.card import ModelCard
     from infer.convert import write_artifact
-    from scripts.gpu_check import random_network
     net = random_network(arch, device, seed=0, background_bias=True)
     card = ModelCard(architecture=net.arch, input_channels=8, num_classes=2, patch_size=list(patch),
                      box_style="2d", demo=True, source="scripts/bench.py: random weights, timing only")

@@ -33,7 +33,8 @@ def main(cfg: dict) -> dict:
     import torch
     out["import_torch"] = clock() - t
     t = clock()
-    from infer.io import read_case, write_segs
+    from infer.npz import read_case
+    from infer.writer import write_segs
     from infer.predictor import Predictor
     from infer.prompts import num_classes
     out["import_infer"] = clock() - t + t_main

@@ -22,7 +22,7 @@ from typing import List, Optional
 import numpy as np
 
 from evaluation.metrics import dice
-from infer.io import read_case
+from infer.npz import read_case
 
 
 def fill_box(shape, box: dict, three_d: bool = True) -> np.ndarray:

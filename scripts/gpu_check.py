@@ -54,6 +54,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from scripts.bench import random_network  # noqa: E402
+
 # ------------------------------------------------------------------------------- targets
 # The performance targets, in one place. They are stated for an H100-class GPU (H100, H200, H800,
 # GH200); on another GPU they are still checked and the report names the GPU.
@@ -200,23 +202,10 @@ def logit_agreement(low, ref) -> dict:
             "finite": finite}
 
 
-# The predictor's out-of-memory log lines (infer/predictor.py), one pattern per rung.
-RUNG_PATTERNS = (
-    ("zoom_1", r"device out of memory \(.*\): retrying at zoom 1 without autozoom"),
-    ("cpu_class", r"device out of memory again \(.*\): retrying on the CPU"),
-    ("cpu_case", r"device out of memory for the whole case \(.*\): running it on the CPU"),
-    ("smaller_zoom", r"device out of memory at zoom [\d.]+: keeping the smaller zoom"),
-    ("class_failed", r"class \d+: OutOfMemoryError"),
-)
-
-
-def ladder_rungs(log_text: str) -> list:
-    """The out-of-memory rungs the predictor's log names, in the order they appear."""
-    hits = []
-    for name, pattern in RUNG_PATTERNS:
-        for m in re.finditer(pattern, log_text):
-            hits.append((m.start(), name))
-    return [name for _, name in sorted(hits)]
+def ladder_rungs(events: list) -> list:
+    """The out-of-memory rungs the predictor took, in order, from its structured events
+    (``Predictor.events``: dicts with ``event == "out_of_memory"`` and the ``rung`` name)."""
+    return [e["rung"] for e in events if e.get("event") == "out_of_memory"]
 
 
 def mode_settings(args) -> dict:
@@ -314,33 +303,6 @@ def write_release_folder(dst, state_dict: dict, arch: dict, patch, configuration
     }
     torch.save(checkpoint, root / "fold_0" / "checkpoint_final.pth")
     return root
-
-
-def random_network(arch: dict, device="cpu", seed: int = 0, background_bias: bool = True):
-    """The network of ``arch`` (8 input channels, 2 classes) with He-normal convolutions, unit
-    norms and zero biases, built on the meta device and materialised on ``device``.
-    ``background_bias``: the last seg layer's weights scaled by 0.01 and its bias (4, -4), so that
-    every voxel is background and each class takes exactly one forward pass (timing: no autozoom,
-    no refinement)."""
-    import torch
-    from infer.network import build_network
-    with torch.device("meta"):
-        net = build_network(arch, 8, 2)
-    net = net.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if ".norm." in name:
-                p.fill_(1.0 if name.endswith("weight") else 0.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, (2.0 / (p[0].numel() if p.dim() > 1 else 1)) ** 0.5, generator=gen)
-        if background_bias:
-            seg = net.decoder.seg_layers[-1]
-            seg.weight.mul_(0.01)
-            seg.bias.copy_(torch.tensor([4.0, -4.0]))
-    return net.eval()
 
 
 def _get(d, *keys):
@@ -471,7 +433,7 @@ def write_report(out_dir, report: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / REPORT_NAME
-    from infer.io import atomic_write
+    from infer.writer import atomic_write
     with atomic_write(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(report, indent=1, default=str) + "\n")
     return path
@@ -774,7 +736,7 @@ def _predict_sh(inputs, outputs, weights, device, timeout=900) -> subprocess.Com
 
 def section_demo(run: Run) -> dict:
     import numpy as np
-    from infer.io import read_case
+    from infer.npz import read_case
     from infer.prompts import num_classes
     inputs, weights = Path(run.args.sample_inputs), Path(run.args.demo_weights)
     outs, logs = {}, {}
@@ -850,11 +812,12 @@ def ladder_child(cfg: dict) -> dict:
     """In its own process (the memory cap is per process): predict the case once without a cap,
     measuring the peak memory outside and inside forward passes; then under caps chosen from
     those peaks (scenario "forward": the forward does not fit; "case": the volume-sized arrays
-    do not fit), until the predictor's log names an out-of-memory rung."""
+    do not fit), until the predictor's events name an out-of-memory rung."""
     import logging
 
     import torch
-    from infer.io import read_case, write_segs
+    from infer.npz import read_case
+    from infer.writer import write_segs
     from infer.predictor import Predictor
     records = []
 
@@ -902,12 +865,13 @@ def ladder_child(cfg: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.set_per_process_memory_fraction(min(cap / total, 1.0))
         records.clear()
+        pred.events.clear()
         t = time.perf_counter()
         segs = pred.predict(case)
         dt = time.perf_counter() - t
         torch.cuda.set_per_process_memory_fraction(1.0)
         tried.append(cap)
-        rungs = ladder_rungs("\n".join(records))
+        rungs = ladder_rungs(pred.events)
         errors = [r for r in records if re.search(r"class \d+: \w+(Error|Exception)", r)]
         log_tail = records[-6:]
         write_segs(cfg["output"], segs)

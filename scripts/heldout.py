@@ -61,7 +61,8 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
-from scripts.synthetic import _atomic_savez, _object_array, boxes_for_gts
+from evaluation.boxes import boxes_for_gts
+from scripts.synth_base import _atomic_savez, _object_array
 
 SCENARIOS = ("organs", "large", "tubes", "touching", "lowcontrast", "mixed")
 MODALITIES = ("CT", "MR")

@@ -2,7 +2,7 @@
 
 A measurement, not a test: it builds a CT-sized case with ``scripts/cases.py`` (uint8 image with
 10 spheres and their boxes; for the click stage also clicks, clicks_order and a previous
-prediction), a tiny converted model (tests/tinymodel.py), runs ``python -m infer`` on it in a
+prediction), a tiny converted model (scripts/tinymodel.py), runs ``python -m infer`` on it in a
 subprocess and reports the child's peak resident set size (``ru_maxrss`` from ``os.wait4``), the wall time and the log summary.
 Target: under 8 GB (the container has 32 GB). The tiny model keeps network memory negligible, so
 the figure is what the volume-sized arrays (image, normalised image, merge volumes, previous
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit-gb", type=float, default=8.0, help="peak RSS above this fails (exit 1)")
     args = p.parse_args(argv)
 
-    from tests.tinymodel import make_artifact
+    from scripts.tinymodel import make_artifact
     shape = tuple(args.shape)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:

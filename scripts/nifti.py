@@ -24,7 +24,7 @@ Intensities, as the challenge's preprocessed data holds them (uint8, 0..255):
 ``DIR/gts/NAME.npz`` (``gts`` with the chosen classes renumbered 1..K in the order given,
 ``spacing``), and ``DIR/meta/NAME.json``: the source file, affine and (x, y, z) shape, the window,
 and per class its number, original label value and name (what ``to-nifti`` needs to go back).
-Boxes follow the organizer's rule (``scripts.synthetic.box_for_mask``: full z extent, the 2D box on
+Boxes follow the organizer's rule (``evaluation.boxes.box_for_mask``: full z extent, the 2D box on
 the class's middle slice in C order, jittered outward by up to 5 voxels per 256, seeded by
 ``--seed``). Without ``--labels`` there is no ground truth and no box: add prompts with
 :func:`prompt_case` in Python.
@@ -192,8 +192,8 @@ def renumber(label_map: np.ndarray, values: Sequence[int]) -> np.ndarray:
 
 
 def organizer_boxes(gts: np.ndarray, k: int, seed: int = 0) -> List[dict]:
-    """One organizer box per class 1..k (``scripts.synthetic.box_for_mask``), jitter seeded."""
-    from scripts.synthetic import box_for_mask
+    """One organizer box per class 1..k (``evaluation.boxes.box_for_mask``), jitter seeded."""
+    from evaluation.boxes import box_for_mask
     rng = np.random.default_rng(seed)
     return [box_for_mask(gts == c, rng) for c in range(1, k + 1)]
 
@@ -236,7 +236,7 @@ def write_case(out, name: str, case: dict) -> List[Path]:
     """Write :func:`scan_to_case`'s result as ``out/images/NAME.npz``, ``out/gts/NAME.npz`` (when
     there are labels) and ``out/meta/NAME.json``; returns the paths."""
     from scripts.synthetic import _atomic_savez
-    from infer.io import atomic_write
+    from infer.writer import atomic_write
     out, stem = Path(out), Path(name).name.removesuffix(".npz")
     paths = [out / "images" / f"{stem}.npz"]
     _atomic_savez(paths[0], **case["image"])
@@ -271,7 +271,7 @@ def box_from_corners(lo, hi, order: str = "xyz") -> dict:
 
 def prompt_case(scan, boxes=None, clicks=None, modality: str = "CT",
                 window: Tuple[float, float] = DEFAULT_WINDOW, order: str = "xyz", prev_pred=None) -> dict:
-    """A case dict for ``Predictor.predict`` (the format ``infer.io.read_case`` returns) from a
+    """A case dict for ``Predictor.predict`` (the format ``infer.npz.read_case`` returns) from a
     NIfTI scan (path or :func:`read_nifti` dict) and your own prompts, one entry per class:
 
     - ``boxes``: list of ``(lo, hi)`` inclusive corners (or organizer box dicts, kept as they are);

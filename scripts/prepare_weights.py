@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from infer.card import DEFAULT_CHANNELS, ModelCard
-from infer.io import atomic_write
 from infer.network import build_network, normalize_arch
 from infer.weights import sha256_file
+from infer.writer import atomic_write
 from scripts.bench import FULL_ARCH, FULL_PATCH
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -42,8 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.io import atomic_write
 from scipy import ndimage
+
+from evaluation.boxes import box_for_mask, boxes_for_gts  # noqa: F401 (re-exported)
+from scripts.synth_base import _atomic_savez, _grid_mm, _object_array, _smooth_noise  # noqa: F401
 
 KINDS = ("ellipsoid", "blob", "tube", "border")
 MIN_VOXELS = 60  # every class keeps at least this many voxels
@@ -52,12 +54,6 @@ MIN_VOXELS = 60  # every class keeps at least this many voxels
 # --------------------------------------------------------------------------------------------
 # geometry helpers (all in millimetres, arrays in (z, y, x) order)
 # --------------------------------------------------------------------------------------------
-def _grid_mm(shape, spacing):
-    """Open grid of voxel-centre coordinates in mm: three broadcastable arrays (z, y, x)."""
-    return [np.arange(n, dtype=np.float32).reshape([-1 if a == i else 1 for a in range(3)]) * s
-            for i, (n, s) in enumerate(zip(shape, spacing))]
-
-
 def _random_rotation(rng):
     """A uniformly random 3x3 rotation matrix."""
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -65,28 +61,6 @@ def _random_rotation(rng):
     if np.linalg.det(q) < 0:
         q[:, 0] = -q[:, 0]
     return q.astype(np.float32)
-
-
-def _interp_matrix(n, cells):
-    """(n, cells) matrix: linear interpolation from `cells` knots spanning 0..n-1 to n points."""
-    pos = np.linspace(0, cells - 1, n)
-    lo = np.minimum(np.floor(pos).astype(int), cells - 2)
-    w = (pos - lo).astype(np.float32)
-    m = np.zeros((n, cells), dtype=np.float32)
-    m[np.arange(n), lo] = 1 - w
-    m[np.arange(n), lo + 1] = w
-    return m
-
-
-def _smooth_noise(rng, shape, cells=4):
-    """Smooth noise in [-1, 1] of `shape`: a coarse random grid, interpolated separably."""
-    coarse = rng.uniform(-1, 1, size=(cells, cells, cells)).astype(np.float32)
-    mz, my, mx = (_interp_matrix(n, cells) for n in shape)
-    field = np.einsum("ijk,zi->zjk", coarse, mz)
-    field = np.einsum("zjk,yj->zyk", field, my)
-    field = np.einsum("zyk,xk->zyx", field, mx)
-    m = np.abs(field).max()
-    return field / m if m > 0 else field
 
 
 def _ellipsoid_level(grid, centre, radii, rot):
@@ -232,48 +206,8 @@ def generate_case(rng, shape=(64, 96, 96), n_classes=None, kinds=None):
 
 
 # --------------------------------------------------------------------------------------------
-# boxes, the organizer's rule
-# --------------------------------------------------------------------------------------------
-def box_for_mask(mask, rng):
-    """The organizer's box for one class (get_boxes.py::mask3D_to_bbox), as a dict of ints.
-
-    Args:
-        mask: (D, H, W) bool, non-empty.
-        rng: np.random.Generator drawing the outward jitter s in 0..5.
-    """
-    z, y, x = np.nonzero(mask)
-    z_mid = int(z[len(z) // 2])
-    ys, xs = np.nonzero(mask[z_mid])
-    H, W = mask.shape[1:]
-    s = int(rng.integers(0, 6))
-    sy, sx = int(s * H / 256), int(s * W / 256)
-    return {"z_min": int(z.min()), "z_max": int(z.max()), "z_mid": z_mid,
-            "z_mid_x_min": max(0, int(xs.min()) - sx), "z_mid_y_min": max(0, int(ys.min()) - sy),
-            "z_mid_x_max": min(W - 1, int(xs.max()) + sx), "z_mid_y_max": min(H - 1, int(ys.max()) + sy)}
-
-
-def boxes_for_gts(gts, rng):
-    """One box dict per class 1..K (class k+1 at index k), K = gts.max()."""
-    return [box_for_mask(gts == k, rng) for k in range(1, int(gts.max()) + 1)]
-
-
-# --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
-def _atomic_savez(path, **arrays):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as f:
-        np.savez_compressed(f, **arrays)
-
-
-def _object_array(items):
-    arr = np.empty(len(items), dtype=object)
-    for i, item in enumerate(items):
-        arr[i] = item
-    return arr
-
-
 def case_name(seed, index):
     return f"CT_synth_s{seed}_{index:04d}.npz"
 

@@ -44,7 +44,8 @@ from scipy import ndimage
 
 from scripts import varied_modalities as vm
 from scripts import varied_shapes as vs
-from scripts.synthetic import _atomic_savez, _grid_mm, _object_array, boxes_for_gts
+from evaluation.boxes import boxes_for_gts
+from scripts.synth_base import _atomic_savez, _grid_mm, _object_array
 
 SCENARIOS = ("organs", "touching", "nested", "large", "trees", "mixed")
 STREAM = 0x7A31  # mixed into every seed: streams apart from the other families

@@ -27,7 +27,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from scripts.synthetic import _smooth_noise
+from scripts.synth_base import _smooth_noise
 
 MODALITIES = ("CT", "MR", "PET", "US", "Microscopy")
 CT_WINDOWS = ((40, 400), (60, 160), (50, 350), (40, 600), (100, 1000))  # (level, width) HU

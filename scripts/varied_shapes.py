@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from scripts.synthetic import _smooth_noise
+from scripts.synth_base import _smooth_noise
 
 
 def warp(rng, grid, shape, amp_mm: float, cells: int = 4):

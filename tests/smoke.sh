@@ -18,7 +18,7 @@ sh "$root/predict.sh" --inputs "$root/sample_inputs" --outputs "$out" --weights 
 PYTHONPATH="$root" "$PYTHON" - "$root/sample_inputs" "$out" <<'PY'
 import os, sys
 import numpy as np
-from infer.io import read_case
+from infer.npz import read_case
 from infer.prompts import num_classes
 
 inputs, outputs = sys.argv[1], sys.argv[2]

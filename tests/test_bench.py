@@ -66,7 +66,7 @@ def test_probe_counts_every_network_pass(tmp_path):
 
 @pytest.mark.parametrize("stage", ["box", "click"])
 def test_make_case_is_a_valid_case(tmp_path, stage):
-    from infer.io import read_case
+    from infer.npz import read_case
     from infer.prompts import class_prompts, num_classes
     path = make_case(tmp_path / "c.npz", (12, 24, 20), 3, stage=stage)
     case = read_case(path)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from infer.io import read_case
+from infer.npz import read_case
 from infer.predictor import Predictor
 from scripts.gpu_check import dice_per_class
 
@@ -93,7 +93,7 @@ def cpu_segs():
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p or "card")
 def test_cuda_masks_match_the_cpu(cpu_segs, policy, half, caplog):
     pred = Predictor.from_path(ROOT / "weights" / "demo", device="cuda", policy=policy)
-    pred.half = half
+    pred.engine.half = half
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = half  # fp32 without TF32's 10-bit rounding
     try:

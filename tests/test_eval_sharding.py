@@ -21,7 +21,8 @@ STUB = '''import os, sys
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, {repo!r})
-from infer.io import read_case, write_segs
+from infer.npz import read_case
+from infer.writer import write_segs
 
 for p in sorted(Path(os.environ["INFER_INPUTS"]).glob("*.npz")):
     case = read_case(p)

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-import infer.io
+import infer.writer
 import infer.predictor
 from infer.__main__ import main
 from infer.card import ModelCard
-from infer.io import write_segs
+from infer.writer import write_segs
 from infer.predictor import Predictor
 from tests.tinymodel import tiny_arch
 
@@ -236,13 +236,13 @@ def test_budget_guard_writes_every_case_in_time_with_a_slow_network(tmp_path, mo
 
     monkeypatch.setattr(Predictor, "from_path", staticmethod(from_path))
     written = {}
-    real_write = infer.io.write_segs
+    real_write = infer.writer.write_segs
 
     def recording_write(path, segs):
         written[os.path.basename(path)] = clock()
         real_write(path, segs)
 
-    monkeypatch.setattr(infer.io, "write_segs", recording_write)
+    monkeypatch.setattr(infer.writer, "write_segs", recording_write)
     inp = tmp_path / "in"
     inp.mkdir()
     ks = {"a.npz": 1, "b.npz": 3, "c.npz": 2, "d.npz": 5, "e.npz": 1}

@@ -17,7 +17,7 @@ import torch
 
 import infer.predictor
 from infer.card import ModelCard
-from infer.io import read_case
+from infer.npz import read_case
 from infer.predictor import Predictor
 from infer.prompts import class_prompts, num_classes
 from infer.weights import load_model
@@ -159,10 +159,10 @@ def _rungs(caplog, net, fallback=True, monkeypatch=None, case_oom=False):
     pred.cpu_fallback = fallback
     segs = pred.predict(_case())
     assert segs.shape == (20, 40, 40)
-    return gc.ladder_rungs(caplog.text)
+    return gc.ladder_rungs(pred.events)
 
 
-def test_ladder_rungs_read_from_the_predictors_own_log(caplog, monkeypatch):
+def test_ladder_rungs_read_from_the_predictors_events(caplog, monkeypatch):
     # forward fails twice: zoom 1 on the device, then the CPU
     assert _rungs(caplog, OomNet({1, 2})) == ["zoom_1", "cpu_class"]
     # fails once: zoom 1 on the device is enough

@@ -24,10 +24,16 @@ import torch
 from numpy.lib import format as npformat
 
 import infer.card
-import infer.io
+import infer.entries
+import infer.errors
+import infer.limits
+import infer.unpickle
+import infer.writer
 from infer.__main__ import main, parse_args
 from infer.card import ModelCard
-from infer.io import CaseError, Limits, atomic_write, imgs_shape, label_dtype, read_case, to_labels, write_segs
+from infer.errors import CaseError
+from infer.npz import Limits, imgs_shape, read_case
+from infer.writer import atomic_write, label_dtype, to_labels, write_segs
 from infer.predictor import normalize_image
 from tests.tinymodel import make_artifact
 
@@ -151,18 +157,18 @@ def infer_npy(arr):
 
 def test_reused_objects_within_the_limit_are_read():
     shared = {"fg": [[1, 2, 3]], "bg": []}
-    assert infer.io.safe_unpickle_loads(pickle.dumps(objects([shared] * 50))).tolist() == [shared] * 50
+    assert infer.unpickle.safe_unpickle_loads(pickle.dumps(objects([shared] * 50))).tolist() == [shared] * 50
     with pytest.raises(CaseError, match="expands to more than 1000 items"):
-        infer.io.safe_unpickle_loads(pickle.dumps(objects([list(range(100))] * 20)), max_items=1000)
+        infer.unpickle.safe_unpickle_loads(pickle.dumps(objects([list(range(100))] * 20)), max_items=1000)
 
 
 def test_error_messages_are_bounded_whatever_the_value():
-    """Guard: messages format values with infer.io.show, never a full repr."""
+    """Guard: messages format values with infer.errors.show, never a full repr."""
     huge = [[0] * 1000] * 1000
-    assert len(infer.io.show(huge)) <= 40 and len(infer.io.show("x" * 10**6)) <= 40
-    assert len(infer.io.show(10 ** 5000)) <= 40  # repr would raise (int digit limit)
+    assert len(infer.errors.show(huge)) <= 40 and len(infer.errors.show("x" * 10**6)) <= 40
+    assert len(infer.errors.show(10 ** 5000)) <= 40  # repr would raise (int digit limit)
     with pytest.raises(CaseError) as err:
-        infer.io._int(huge, "boxes[0]")
+        infer.entries.to_int(huge, "boxes[0]")
     assert len(str(err.value)) < 100
 
 
@@ -214,7 +220,7 @@ def test_declared_size_over_the_memory_limit_is_refused_before_reading(tmp_path,
     assert (inp / "b_bomb.npz").stat().st_size < 200_000
     npz_declaring(inp / "c_short_but_sane.npz", (4, 5, 6), data=b"\0" * 10)
     limits = Limits.for_memory(0.5)  # 16.7 M voxels
-    assert limits.max_voxels == int(0.5 * 2**30) // infer.io.BYTES_PER_VOXEL
+    assert limits.max_voxels == int(0.5 * 2**30) // infer.limits.BYTES_PER_VOXEL
     read = []
     real_read = zipfile.ZipExtFile.read
 
@@ -254,7 +260,7 @@ def test_object_members_are_read_with_a_byte_limit(tmp_path):
                                  dict(BOXES[1], z_mid="7"), dict(BOXES[1], extra=3),
                                  {"z_mid": 3}, "garbage"])
 def test_a_bad_box_loses_its_class_alone(tmp_path, weights, bad):
-    """Guard: prompt entries are parsed per class (infer.io marks the bad one Malformed,
+    """Guard: prompt entries are parsed per class (infer.entries marks the bad one Malformed,
     class_prompts refuses it for that class). The other classes come out exactly as in the case
     whose bad class has no prompt at all, and the bad class keeps its previous mask."""
     prev = np.zeros(SHAPE, np.uint8)
@@ -375,7 +381,7 @@ def test_temporary_names_are_short_exclusive_and_never_followed(tmp_path, monkey
     name. A link planted at that name is neither written through nor replaced."""
     victim = tmp_path / "victim"
     victim.write_bytes(b"keep")
-    monkeypatch.setattr(infer.io.secrets, "token_hex", lambda n: "planted")
+    monkeypatch.setattr(infer.writer.secrets, "token_hex", lambda n: "planted")
     os.symlink(victim, tmp_path / f".tmp-{os.getpid()}-planted")
     with pytest.raises(FileExistsError):
         write_segs(tmp_path / "case.npz", np.ones((2, 3, 4), np.uint8))
@@ -387,12 +393,12 @@ def test_temporary_names_are_short_exclusive_and_never_followed(tmp_path, monkey
 
 
 def test_every_writer_goes_through_the_one_helper():
-    """No module but infer/io.py renames files itself (the helper cleans up on failure)."""
+    """No module but infer/writer.py renames files itself (the helper cleans up on failure)."""
     offenders = []
     for folder in ("infer", "train", "evaluation", "scripts"):
         for path in (ROOT / folder).rglob("*.py"):
             text = path.read_text(encoding="utf-8")
-            if path.name != "io.py" and re.search(r"os\.(replace|rename)\(|mkstemp\(", text):
+            if path.relative_to(ROOT).as_posix() != "infer/writer.py" and re.search(r"os\.(replace|rename)\(|mkstemp\(", text):
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
 

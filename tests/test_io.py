@@ -1,4 +1,4 @@
-"""infer.io: safe case reading (restricted unpickling, gts never opened) and atomic segs writing."""
+"""infer.npz / infer.unpickle / infer.writer: safe case reading (restricted unpickling, gts never opened) and atomic segs writing."""
 import io
 import os
 import pickle
@@ -13,7 +13,11 @@ import numpy as np
 import pytest
 from numpy.lib import format as npformat
 
-from infer.io import CaseError, Malformed, imgs_shape, read_case, safe_unpickle_loads, write_segs
+from infer.entries import Malformed
+from infer.errors import CaseError
+from infer.npz import imgs_shape, read_case
+from infer.unpickle import safe_unpickle_loads
+from infer.writer import write_segs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,7 +269,7 @@ def test_safe_unpickle_refuses_other_globals(obj):
 def test_build_on_admitted_functions_is_refused():
     """BUILD may only restore ndarray / dtype state: it must not reach the admitted helpers
     (here: rewriting the defaults of the _codecs.encode stand-in)."""
-    import infer.io as io_module
+    import infer.unpickle as io_module
     defaults = io_module._latin1_encode.__defaults__
     state = pickle.dumps((None, {"__defaults__": ("rot13",)}), protocol=2)[2:-1]  # no PROTO/STOP
     data = b"\x80\x02c_codecs\nencode\n" + state + b"b."  # GLOBAL, state, BUILD, STOP
@@ -295,7 +299,7 @@ def test_forged_numpy_objects_are_refused(tmp_path):
     child = (
         "import sys, pickle\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "from infer.io import safe_unpickle_loads, CaseError\n"
+        "from infer.unpickle import safe_unpickle_loads, CaseError\n"
         "try:\n"
         "    print(repr(safe_unpickle_loads(open(sys.argv[1], 'rb').read()).tolist()))\n"
         "except CaseError as exc:\n"
@@ -428,7 +432,7 @@ def test_process_killed_mid_write_leaves_no_npz(tmp_path):
     child = (
         "import os, sys, time, numpy as np\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import infer.io as m\n"
+        "import infer.writer as m\n"
         "def hang(src, dst):\n"
         "    print('READY', flush=True); time.sleep(60)\n"
         "os.replace = hang\n"

@@ -87,7 +87,7 @@ def test_to_case_writes_the_layout_classes_boxes_and_meta(tmp_path):
         assert f["imgs"].dtype == np.uint8 and f["imgs"].shape == (4, 5, 6)
         assert f["imgs"][1, 3, 2] == 127 and f["imgs"][0, 0, 0] == 0
         np.testing.assert_allclose(f["spacing"], [3.0, 1.5, 0.8])
-    from infer.io import read_case
+    from infer.npz import read_case
     boxes = read_case(tmp_path / "out" / "images" / "CT_tiny.npz")["boxes"]
     # class 1 = label 7: 13 voxels in C order (z, y, x): 1 on z=0, 6 on z=1, 6 on z=2; the middle
     # one (index 6) is on z=1, where y spans 1..2 and x 1..3; H, W < 52: the jitter int(s*H/256) is 0

@@ -169,7 +169,7 @@ def _ours(pred: Predictor, imgs, prev, s, center, zoom):
     prev_k = torch.from_numpy(prev == s["label"])
     crop = make_crop(center, zoom, pred.patch)
     with torch.inference_mode():
-        x = pred.make_input(image, prompts, prev_k, crop)
+        x = pred.engine.make_input(image, prompts, prev_k, crop)
         logits = pred.network(x)
     return crop, x[0], logits[0]
 

@@ -8,7 +8,7 @@ from scipy import ndimage
 from infer.geometry import Crop, make_crop
 from infer.policy import (PRESETS, Policy, border_change, box_view_reference, cover_tiles, diff_map,
                           bbox_tiles, fallback_tile, initial_view, next_zoom, open_mask, parse_policy,
-                          refine_tiles, sample_tile, to_frame, upsample, view_crop, wants_zoom_out,
+                          refine_tiles, sample_tile, upsample, view_crop, wants_zoom_out,
                           zoom_step)
 from infer.predictor import Predictor
 from infer.prompts import ClassPrompts
@@ -219,11 +219,11 @@ def test_refine_tiles_for_each_mode():
     # project tiles over the object's box: z 20 <= 32 -> 10 + (20 - 32) // 2 = 4; y 40 > 32 ->
     # two tiles spread over [5, 13]; x -> 20 - 6 = 14
     assert bbox_tiles(((10, 5, 20), (30, 45, 40)), (32, 32, 32)) == [(4, 5, 14), (4, 13, 14)]
-    assert refine_tiles(PROJ, coarse, lo, hi, None, shape, (32,) * 3, (20, 25, 30)) == [(4, 5, 14), (4, 13, 14)]
-    assert refine_tiles(PROJ.replace(max_refine_patches=1), coarse, lo, hi, None, shape, (32,) * 3, (0, 0, 0)) == []
-    assert refine_tiles(PROJ.replace(refine="none"), coarse, lo, hi, None, shape, (32,) * 3, (0, 0, 0)) == []
+    assert refine_tiles(PROJ, (coarse, lo, hi), None, shape, (32,) * 3, (20, 25, 30)) == [(4, 5, 14), (4, 13, 14)]
+    assert refine_tiles(PROJ.replace(max_refine_patches=1), (coarse, lo, hi), None, shape, (32,) * 3, (0, 0, 0)) == []
+    assert refine_tiles(PROJ.replace(refine="none"), (coarse, lo, hi), None, shape, (32,) * 3, (0, 0, 0)) == []
     # diff: the coarse object against an empty previous mask; the tiles cover the opened difference
-    tiles = refine_tiles(REF, coarse, lo, hi, None, shape, (32,) * 3, (20, 25, 30))
+    tiles = refine_tiles(REF, (coarse, lo, hi), None, shape, (32,) * 3, (20, 25, 30))
     d = diff_map(coarse, lo, hi, None, shape)
     covered = torch.zeros(shape, dtype=torch.bool)
     for t in tiles:
@@ -232,7 +232,7 @@ def test_refine_tiles_for_each_mode():
     # no difference (previous mask = coarse): the one tile around the interaction's centre
     prev = torch.zeros(shape, dtype=torch.bool)
     prev[10:30, 5:45, 20:40] = True
-    assert refine_tiles(REF, coarse, lo, hi, prev, shape, (32,) * 3, (20, 25, 30)) == [(4, 9, 14)]
+    assert refine_tiles(REF, (coarse, lo, hi), prev, shape, (32,) * 3, (20, 25, 30)) == [(4, 9, 14)]
     assert fallback_tile((20, 25, 30), (32, 32, 32)) == ((4, 9, 14), (36, 41, 46))
 
 
@@ -242,19 +242,6 @@ def test_training_tile_lies_where_the_predictor_tiles_go():
     for _ in range(20):
         z, y, x = sample_tile(PROJ, box, (32, 32, 32), rng)
         assert z == 4 and x == 14 and 5 <= y <= 13
-
-
-# ---------------------------------------------------------------------------- non-zero crop
-def test_prompts_in_the_non_zero_frame():
-    p = ClassPrompts(box=((0, 5, 5), (3, 10, 10)), extent=((0, 5, 5), (3, 10, 10)),
-                     clicks=[(True, (6, 7, 8))])
-    f = to_frame(p, (4, 2, 0), (10, 20, 20))
-    # z [0, 3) - 4 clips to nothing at the start: made [0, 1) as nnInteractive does
-    assert f.box == ((0, 3, 5), (1, 8, 10)) and f.clicks == [(True, (2, 5, 8))]
-    # past the frame's end: the start moves back by one, still empty -> no box
-    assert to_frame(ClassPrompts(box=((15, 0, 0), (18, 5, 5))), (0, 0, 0), (10, 10, 10)).box is None
-    assert to_frame(ClassPrompts(box=((10, 0, 0), (18, 5, 5))), (0, 0, 0), (10, 10, 10)).box == \
-        ((9, 0, 0), (10, 5, 5))
 
 
 # ---------------------------------------------------------------------------- executed by the predictor

@@ -273,7 +273,7 @@ def test_autozoom_keeps_the_smaller_zoom_when_zooming_out_loses_the_object():
 def test_foreground_label_is_the_argmax_of_the_logits():
     """Logits one float step apart have a softmax of exactly 0.5; the label must still be the
     argmax (foreground iff logit1 > logit0), as nnInteractive takes it."""
-    from infer.predictor import _fg_prob
+    from infer.engine import fg_prob as _fg_prob
     a = torch.tensor(0.9700114130973816)
     b = torch.nextafter(a, torch.tensor(2.0))
     logits = torch.stack([torch.stack([a, b, a, torch.tensor(1.0)]), torch.stack([b, a, a, torch.tensor(0.0)])])

@@ -195,7 +195,7 @@ def test_class_prompts_and_num_classes():
 def test_num_classes_is_the_longest_list_and_bad_entries_fail_their_class_only():
     import numpy as np
     import pytest
-    from infer.io import Malformed
+    from infer.entries import Malformed
     from infer.prompts import PromptError
     box = {"z_min": 1, "z_max": 3, "z_mid": 2, "z_mid_y_min": 1, "z_mid_y_max": 4, "z_mid_x_min": 1,
            "z_mid_x_max": 4}

@@ -3,7 +3,7 @@ Predictor.predict on the same case written as the organizer writes it."""
 import numpy as np
 import pytest
 
-from infer.io import read_case
+from infer.npz import read_case
 from infer.predictor import Predictor
 from infer.session import Session, box_to_dict
 

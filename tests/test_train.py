@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from infer.card import DEFAULT_CHANNELS, ModelCard
+from infer.interaction import first_view
 from infer.predictor import Predictor
 from infer.weights import load_model
 from scripts.synthetic import generate_case
@@ -240,7 +241,7 @@ def test_zoomed_out_training_crop_is_the_autozoom_crop():
     ex = simulate_example(pred, imgs, gt, np.random.default_rng(1), p_box=1.0, p_second=0.0)
     # the box's extent (12, 22, 22) on the tiny patch (16, 32, 32): centre (11.5, 18.5, 18.5),
     # zoom max((12 + 16/3) / 16, (22 + 32/3) / 32) = 1.0833 (hand-computed)
-    center, zoom = pred.initial_view(ex.prompts, None)
+    center, zoom = first_view(pol, ex.prompts, None, patch)
     assert center == [11.5, 18.5, 18.5] and zoom == pytest.approx((12 + 16 / 3) / 16)
     first = training_crop(pol, patch, ex.prompts, None, 0)
     assert first == make_crop(center, zoom, patch) == ex.crop
@@ -284,7 +285,7 @@ def test_refinement_example_uses_the_coarse_prediction_on_a_zoom_1_tile():
     for seed in range(6):
         ex = simulate_example(pred, imgs, gt, np.random.default_rng(seed), p_box=1.0,
                               p_second=0.0, p_refine=1.0)
-        assert pred.initial_view(ex.prompts, None)[1] > 1  # the first crop is zoomed out
+        assert first_view(pred.policy, ex.prompts, None, pred.patch)[1] > 1  # the first crop is zoomed out
         assert ex.click is None and ex.first_pred is not None
         assert ex.crop.scale == (1.0, 1.0, 1.0)  # full resolution
         # the tile overlaps the coarse prediction's bounding box, inside it where it is longer

@@ -247,7 +247,7 @@ def test_pet_is_blurred():
 
 
 def test_val_layout_boxes_follow_the_organizer_rule(tmp_path):
-    io = pytest.importorskip("infer.io")
+    import infer.npz as io
     from evaluation.clicks import next_click
     names = write_dataset(tmp_path, 4, seed=3, layout="val", knobs=SMALL, no_box_every=4)
     for i, n in enumerate(names):

@@ -14,7 +14,7 @@ Only the newest ``keep`` epoch folders stay (``keep`` <= 0: all of them); ``best
 are separate copies, never removed.
 
 A checkpoint folder is filled under a temporary name and renamed into place, then ``latest`` is
-replaced, both through ``infer.io.atomic_write``: an interrupted write leaves the previous
+replaced, both through ``infer.writer.atomic_write``: an interrupted write leaves the previous
 checkpoint and ``latest`` untouched. Every file is read back with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 
 from infer.card import ModelCard
 from infer.convert import write_artifact
-from infer.io import atomic_write
+from infer.writer import atomic_write
 from infer.weights import read_artifact
 
 LATEST = "latest"

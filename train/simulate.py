@@ -2,13 +2,13 @@
 
 One training example for one class of one case, built exactly as inference sees it:
 
-1. First interaction: with probability ``p_box`` the organizer's box (``scripts.synthetic.box_for_mask``:
+1. First interaction: with probability ``p_box`` the organizer's box (``evaluation.boxes.box_for_mask``:
    ``z_min..z_max`` and a jittered 2D box on ``z_mid``), otherwise one click from the empty
    prediction (``evaluation.clicks.next_click`` against an all-zero mask: the centre of the largest
    ground-truth component, always a foreground click).
 2. With probability ``p_second``, a second step: the network is run without gradients through the
-   predictor's own per-class path (``Predictor.predict_class``: crop choice, zooming out,
-   resampling back into the volume, as its policy decides), the organizer's click is placed on
+   inference's own per-class loop (``infer.interaction.run_class`` on the predictor's engine:
+   crop choice, zooming out, resampling back into the volume, as its policy decides), the organizer's click is placed on
    that prediction (``evaluation.clicks.next_click``: largest 26-connected error component,
    maximum-EDT voxel, fg/bg by the truth), and the previous-mask and click channels are updated
    (prompts rebuilt with ``infer.prompts.class_prompts`` from a case dict in the harness's form).
@@ -16,7 +16,7 @@ One training example for one class of one case, built exactly as inference sees 
    on the first interaction with an empty previous mask, which is what the box stage and the
    first click of a no-box case feed the model.
 3. The example is the network input for the final prompts on the crop the interaction policy
-   chooses (``infer.policy.initial_view``; with probability ``p_zoom_out`` the crop reached after
+   chooses (``infer.interaction.first_view``, the predictor's own rule; with probability ``p_zoom_out`` the crop reached after
    one or two zoom-out steps, ``infer.policy.view_crop``), and the ground truth resampled onto
    that crop. Refinement examples (``p_refine``) take a zoom-1 tile drawn by
    ``infer.policy.sample_tile`` over the coarse prediction.
@@ -34,13 +34,17 @@ from typing import Optional
 import numpy as np
 import torch
 
+from evaluation.boxes import box_for_mask
 from evaluation.clicks import Click, ClickState, next_click
+from infer.budget import Budget
 from infer.card import ModelCard
-from infer.geometry import Crop, bbox_of, crop_to_patch
-from infer.policy import Policy, initial_view, sample_tile, view_crop
-from infer.predictor import Predictor, network_input
+from infer.engine import network_input
+from infer.frame import Frame
+from infer.geometry import Crop, crop_to_patch
+from infer.interaction import ClassInput, first_view, run_class
+from infer.policy import Policy, sample_tile, view_crop
+from infer.predictor import Predictor
 from infer.prompts import ClassPrompts, class_prompts
-from scripts.synthetic import box_for_mask
 
 
 @dataclass
@@ -65,22 +69,16 @@ class ModelNeeded(Exception):
 
 def make_input(card: ModelCard, image: torch.Tensor, prompts: ClassPrompts,
                prev_k: Optional[torch.Tensor], crop: Crop) -> torch.Tensor:
-    """The network input ``Predictor.forward`` builds for one class on ``crop``, without its batch
-    axis: (C, *patch) float32 (``infer.predictor.network_input``: one place for both)."""
+    """The network input the engine builds for one class on ``crop``, without its batch axis:
+    (C, *patch) float32 (``infer.engine.network_input``: one place for both)."""
     return network_input(image, prompts, prev_k, crop, card, image.device)[0]
-
-
-def first_view(policy: Policy, patch, prompts: ClassPrompts, prev_k: Optional[torch.Tensor]):
-    """(centre, zoom) of the first crop the predictor takes for these prompts."""
-    prev_box = bbox_of(prev_k) if prev_k is not None and prompts.clicks else None
-    return initial_view(policy, prompts, prev_box, patch)
 
 
 def training_crop(policy: Policy, patch, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                   zoom_steps: int = 0) -> Crop:
     """The predictor's first crop, or (``zoom_steps`` > 0) the crop it reaches after that many
     zoom-out steps (``infer.policy.view_crop``)."""
-    center, zoom = first_view(policy, patch, prompts, prev_k)
+    center, zoom = first_view(policy, prompts, prev_k, patch)
     return view_crop(policy, center, zoom, patch, zoom_steps)
 
 
@@ -142,7 +140,7 @@ def crop_target(gt: torch.Tensor, crop: Crop) -> torch.Tensor:
 
 
 def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickState]) -> dict:
-    """A one-class case dict as ``infer.io.read_case`` returns it for the harness's inputs."""
+    """A one-class case dict as ``infer.npz.read_case`` returns it for the harness's inputs."""
     case = {"imgs": imgs, "boxes": [box] if box is not None else None, "clicks": None,
             "clicks_order": None}
     if state is not None:
@@ -159,26 +157,15 @@ def predict_volume(predictor: Optional[Predictor], image: torch.Tensor, prompts:
     only). Raises :class:`ModelNeeded` without a predictor."""
     if predictor is None:
         raise ModelNeeded
-    shape = tuple(image.shape)
-    pred = np.zeros(shape, dtype=bool)
     policy = predictor.policy if autozoom else predictor.policy.replace(zoom_out="none", refine="none")
-    was_training = predictor.network.training
-    predictor.network.eval()
-    try:
-        with torch.no_grad():
-            region = predictor.predict_class(image, prompts, prev_k, policy=policy)
-    finally:
-        predictor.network.train(was_training)
-    if region is not None:
-        vals, lo, hi = region
-        vals = vals.clone()
-        sl = tuple(slice(l, h) for l, h in zip(lo, hi))
-        # NaN: voxels the policy left to the previous mask (none here: prev_k is not given)
-        keep = torch.isnan(vals)
-        if prev_k is not None and bool(keep.any()):
-            vals[keep] = prev_k[sl][keep].float()
-        pred[sl] = (vals > 0.5).cpu().numpy()
-    return pred
+    # the network's mode is left alone: its layers (convolutions, instance norm without running
+    # statistics, LeakyReLU) compute the same in train and eval mode
+    with torch.no_grad():
+        region = run_class(predictor.engine, policy, ClassInput(image, prompts, prev_k), Budget(),
+                           Frame.whole(image.shape))
+    if region is None:
+        return np.zeros(tuple(image.shape), dtype=bool)
+    return region.binary(prev_k, image.shape)
 
 
 def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.ndarray,
@@ -224,7 +211,7 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
     u = rng.random()
     crop = None
     if p_second <= u < p_second + p_refine:
-        center, zoom = first_view(policy, patch, prompts, None)
+        _, zoom = first_view(policy, prompts, None, patch)
         if zoom > 1 + 1e-6:
             # without a predictor predict_volume raises ModelNeeded before it reads the image
             pred = predict_volume(predictor, the_image() if predictor is not None else None,
