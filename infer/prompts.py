@@ -254,6 +254,30 @@ def _bins(n_in: int, n_out: int, g0: int, g1: int) -> Tuple[int, int]:
     return int(hit[0]), int(hit[-1]) + 1
 
 
+def _reach(pts: torch.Tensor, weight: torch.Tensor, crop: Crop, shape: Optional[Sequence[int]], half: int,
+           h: int):
+    """Where the balls (half-width ``half``) of the clicks ``pts`` (N, 3) reach into ``crop`` and
+    the volume of ``shape``, dilated by ``h`` more voxels: ``(pts, weight, rlo, rhi, ob)`` with the
+    clicks that reach at all and their weights, the drawable box ``[rlo, rhi)`` (volume
+    coordinates: inside crop and volume) and, per axis, the range of patch outputs whose bins
+    meet the reached part (:func:`_bins`); None when no ball reaches."""
+    clo = torch.tensor(crop.lo, dtype=torch.int64)
+    chi = torch.tensor(crop.hi, dtype=torch.int64)
+    vhi = chi if shape is None else torch.minimum(chi, torch.tensor(tuple(shape[-3:]), dtype=torch.int64))
+    rlo, rhi = torch.clamp(clo, min=0), vhi  # balls are drawn inside crop and volume only
+    blo = torch.maximum(pts - half, rlo)
+    bhi = torch.minimum(pts + half + 1, rhi)
+    keep = (bhi > blo).all(1)
+    if not bool(keep.any()):
+        return None
+    pts, weight, blo, bhi = pts[keep], weight[keep], blo[keep], bhi[keep]
+    # crop-relative region the dilated balls can reach, and the outputs whose bins meet it
+    g0 = (blo.min(0).values - h - clo).clamp(min=0)
+    g1 = torch.minimum(bhi.max(0).values + h - clo, chi - clo)
+    ob = [_bins(crop.size[a], crop.patch[a], int(g0[a]), int(g1[a])) for a in range(3)]
+    return pts, weight, rlo, rhi, ob
+
+
 def _point_channel(pts: torch.Tensor, weight: torch.Tensor, crop: Crop, shape: Optional[Sequence[int]],
                    ball: torch.Tensor, kern: int, dev: torch.device) -> torch.Tensor:
     """One point channel in patch space, (*crop.patch) float32, as nnInteractive builds it: the
@@ -265,21 +289,12 @@ def _point_channel(pts: torch.Tensor, weight: torch.Tensor, crop: Crop, shape: O
     each slab draws its balls with one scatter: no loop over clicks."""
     out = torch.zeros(tuple(crop.patch), dtype=torch.float32, device=dev)
     half, h = ball.shape[0] // 2, kern // 2
-    clo = torch.tensor(crop.lo, dtype=torch.int64)
-    chi = torch.tensor(crop.hi, dtype=torch.int64)
-    vhi = chi if shape is None else torch.minimum(chi, torch.tensor(tuple(shape[-3:]), dtype=torch.int64))
-    rlo, rhi = torch.clamp(clo, min=0), vhi  # balls are drawn inside crop and volume only
-    blo = torch.maximum(pts - half, rlo)
-    bhi = torch.minimum(pts + half + 1, rhi)
-    keep = (bhi > blo).all(1)
-    if not bool(keep.any()):
+    reach = _reach(pts, weight, crop, shape, half, h)
+    if reach is None:
         return out
-    pts, weight, blo, bhi = pts[keep], weight[keep], blo[keep], bhi[keep]
-    # crop-relative region the dilated balls can reach, and the outputs whose bins meet it
-    g0 = (blo.min(0).values - h - clo).clamp(min=0)
-    g1 = torch.minimum(bhi.max(0).values + h - clo, chi - clo)
+    pts, weight, rlo, rhi, ob = reach
+    clo = torch.tensor(crop.lo, dtype=torch.int64)
     S, P = crop.size, crop.patch
-    ob = [_bins(S[a], P[a], int(g0[a]), int(g1[a])) for a in range(3)]
     lo_in = [(ob[a][0] * S[a]) // P[a] for a in range(3)]
     hi_in = [((ob[a][1]) * S[a] + P[a] - 1) // P[a] for a in range(3)]
     # the render window of axes y, x: the bins' inputs plus the dilation halo, inside the crop
