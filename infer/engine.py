@@ -77,6 +77,7 @@ class Engine:
         self.encode_n = 0  # clicks drawn in the last view (their cost is part of forward_s)
         self.events: List[dict] = []
         self.where: dict = {}
+        self.gate: Optional[Tuple[List[Tuple[int, ...]], float]] = None  # see gated()
 
     @property
     def patch(self) -> Tuple[int, int, int]:
@@ -86,6 +87,19 @@ class Engine:
         """Record an out-of-memory event: the rung of the ladder taken (``zoom_1``, ``cpu_class``,
         ``cpu_case``, ``smaller_zoom``, ``class_failed``)."""
         self.events.append({"event": "out_of_memory", "rung": rung, **self.where, **detail})
+
+    @contextmanager
+    def gated(self, flips: Optional[Sequence[Tuple[int, ...]]], agreement: float) -> Iterator["Engine"]:
+        """Gated mirroring for the views run inside: each is predicted plain and under ``flips``
+        (the identity first); the mean is kept when the masks (``> 0.5``) of the mean and of the
+        plain prediction agree with Dice >= ``agreement`` (two empty masks agree), else the plain
+        prediction. Each view reports an event ``{"event": "mirror_gate", "dice", "kept"}``.
+        ``flips`` None: nothing changes."""
+        self.gate = None if flips is None else (list(flips), float(agreement))
+        try:
+            yield self
+        finally:
+            self.gate = None
 
     def sync(self) -> None:
         """Wait for the device, so that a clock read after a forward pass measures the pass."""
@@ -111,20 +125,41 @@ class Engine:
         """One network pass on ``crop``: the foreground probability, (*patch) float32 (the mean
         over ``flips`` of the input)."""
         x = self.make_input(image, prompts, prev_k, crop, box_mask)
-        total = None
-        for dims in self.flips:
-            xi = torch.flip(x, dims) if dims else x
-            if self.half:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    logits = self.network(xi)
-            else:
+        if self.gate is not None:
+            return self._gated(x, *self.gate)
+        return self._mean_over(x, self.flips)[0]
+
+    def _pass(self, x: torch.Tensor, dims: Tuple[int, ...]) -> torch.Tensor:
+        """The foreground probability of ``x`` predicted flipped along ``dims`` (flipped back)."""
+        xi = torch.flip(x, dims) if dims else x
+        if self.half:
+            with torch.autocast("cuda", dtype=torch.float16):
                 logits = self.network(xi)
-            if isinstance(logits, (list, tuple)):
-                logits = logits[0]
-            p = fg_prob(logits[0].float())
-            p = torch.flip(p, tuple(d - 2 for d in dims)) if dims else p
+        else:
+            logits = self.network(xi)
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        p = fg_prob(logits[0].float())
+        return torch.flip(p, tuple(d - 2 for d in dims)) if dims else p
+
+    def _mean_over(self, x: torch.Tensor, flips: Sequence[Tuple[int, ...]]):
+        """(mean probability over ``flips``, the first flip's probability)."""
+        first = total = None
+        for dims in flips:
+            p = self._pass(x, dims)
+            first = p if first is None else first
             total = p if total is None else total + p
-        return total if len(self.flips) == 1 else total / len(self.flips)
+        return (total if len(flips) == 1 else total / len(flips)), first
+
+    def _gated(self, x: torch.Tensor, flips: Sequence[Tuple[int, ...]], agreement: float) -> torch.Tensor:
+        mean, plain = self._mean_over(x, flips)
+        a, b = mean > 0.5, plain > 0.5
+        n = int(a.sum()) + int(b.sum())
+        dice = 1.0 if n == 0 else 2.0 * int((a & b).sum()) / n
+        kept = dice >= agreement
+        self.events.append({"event": "mirror_gate", "dice": dice, "kept": "mean" if kept else "plain",
+                            **self.where})
+        return mean if kept else plain
 
     def view(self, image: torch.Tensor, prompts: ClassPrompts, prev_k: Optional[torch.Tensor], crop: Crop,
              budget: Budget, box_mask: Optional[torch.Tensor] = None) -> torch.Tensor:

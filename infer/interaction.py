@@ -20,7 +20,8 @@ from .budget import Budget
 from .engine import Engine, free_device
 from .frame import Frame
 from .geometry import Crop, bbox_of, crop_to_patch_nearest, make_crop, patch_to_region
-from .policy import Policy, initial_view, refine_tiles, refines, upsample, wants_zoom_out, zoom_step
+from .policy import (Policy, gated_flips, initial_view, refine_tiles, refines, upsample, wants_zoom_out,
+                     zoom_step)
 from .prompts import ClassPrompts
 from .region import Region
 
@@ -75,12 +76,13 @@ def run_class(engine: Engine, policy: Policy, x: ClassInput, budget: Budget, fra
     if not has_prompt(policy, x.prompts):
         return None
     center, zoom = first_view(policy, x.prompts, x.prev, engine.patch, x.prev_box)
-    coarse = zoom_out(engine, policy, x, budget, center, zoom)
-    if coarse is None:
-        raise TimeoutError("no time left for a forward pass: keeping the previous mask")
-    region = Region(*upsample(policy, coarse.prob, frame.to_volume(coarse.crop), frame.volume))
-    if refines(policy, coarse.zoom, coarse.crop):
-        region = Refinement(engine, policy, x, budget, frame).run(region, center)
+    with engine.gated(gated_flips(policy, x.prompts.stage), policy.mirror_gate):
+        coarse = zoom_out(engine, policy, x, budget, center, zoom)
+        if coarse is None:
+            raise TimeoutError("no time left for a forward pass: keeping the previous mask")
+        region = Region(*upsample(policy, coarse.prob, frame.to_volume(coarse.crop), frame.volume))
+        if refines(policy, coarse.zoom, coarse.crop):
+            region = Refinement(engine, policy, x, budget, frame).run(region, center)
     return region
 
 

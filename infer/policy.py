@@ -80,6 +80,12 @@ class Policy:
     mirror: test-time augmentation: average the softmax over the axis flips of the input.
     mirror_axes: the axes those flips combine, in z, y, x order: "zyx" (8 flips), "yx" (the 4
       in-plane flips, half the passes), ... (nnU-Net's allowed mirroring axes).
+    mirror_last: gated mirroring at the last click stage only (``mirror`` off): a class whose
+      clicks_order holds ``last_click`` or more entries has each view predicted plain and under
+      the ``mirror_axes`` flips; the mean is kept when its mask agrees with the plain one (Dice
+      >= ``mirror_gate``), else the plain prediction (:func:`gated_flips`, ``Engine.gated``).
+    mirror_gate: that agreement threshold, in [0, 1].
+    last_click: the click stage that counts as the last (the organizer's flow has five).
     """
 
     name: str = "project"
@@ -99,6 +105,9 @@ class Policy:
     paste: str = "prob"
     mirror: bool = False
     mirror_axes: str = "zyx"
+    mirror_last: bool = False
+    mirror_gate: float = 0.9
+    last_click: int = 5
 
     def __post_init__(self):
         for k, allowed in CHOICES.items():
@@ -108,6 +117,8 @@ class Policy:
             raise ValueError(f"policy needs max_zoom >= 1, zoom_step > 1, context >= 0: {self}")
         if self.max_refine_patches < 0:
             raise ValueError("policy max_refine_patches must be >= 0")
+        if not (0.0 <= self.mirror_gate <= 1.0) or self.last_click < 1:
+            raise ValueError(f"policy needs 0 <= mirror_gate <= 1 and last_click >= 1: {self}")
 
     def replace(self, **kw) -> "Policy":
         return dataclasses.replace(self, **kw)
@@ -119,6 +130,10 @@ PRESETS = {
                         zoom_out="border_change", zoom_value="nominal", keep_lost=False,
                         upsample="label", refine="diff", lasso=True, paste="label"),
 }
+# For release weights: nnInteractive's loop, but overlapping classes merged by probability (the
+# coarse probability upsampled, not the label, so that there is a probability to merge by);
+# docs/POLICY.md gives the evidence.
+PRESETS["release"] = PRESETS["reference"].replace(name="release", upsample="prob", paste="prob")
 DEFAULT = "project"
 
 
@@ -170,8 +185,21 @@ def mirror_flips(policy: Policy) -> List[Tuple[int, ...]]:
     without mirroring, else every combination of ``policy.mirror_axes`` (the identity first)."""
     if not policy.mirror:
         return [()]
-    dims = [2 + "zyx".index(a) for a in policy.mirror_axes]
+    return _axis_flips(policy.mirror_axes)
+
+
+def _axis_flips(axes: str) -> List[Tuple[int, ...]]:
+    dims = [2 + "zyx".index(a) for a in axes]
     return [tuple(d for j, d in enumerate(dims) if i >> j & 1) for i in range(2 ** len(dims))]
+
+
+def gated_flips(policy: Policy, stage: int) -> Optional[List[Tuple[int, ...]]]:
+    """The flips of gated mirroring for a class at click stage ``stage`` (its clicks_order
+    length; 0 in the box stage), or None when this view is predicted as usual: ``mirror_last``
+    on, ``mirror`` off (already mirrored otherwise) and ``stage >= last_click``."""
+    if not policy.mirror_last or policy.mirror or stage < policy.last_click:
+        return None
+    return _axis_flips(policy.mirror_axes)
 
 
 # ---------------------------------------------------------------------------- first view

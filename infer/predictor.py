@@ -119,8 +119,9 @@ class Predictor:
     ``"reference,refine=none"``, or a ``Policy``); default: the card's ``policy`` field, else
     ``"project"``. The keyword arguments ``autozoom`` (False: ``zoom_out="none"``), ``refine``
     (False: ``refine="none"``), ``max_zoom``, ``context`` and ``max_refine_patches`` override
-    the policy's knobs of those names. ``events``: the out-of-memory rungs taken, as dicts
-    (``infer.engine.Engine.report``).
+    the policy's knobs of those names. ``events``: structured reports, as dicts: the
+    out-of-memory rungs taken (``infer.engine.Engine.report``) and the gated-mirroring outcomes
+    (``infer.engine.Engine.gated``).
     """
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, device: Optional[str | torch.device] = None,

@@ -44,12 +44,15 @@ class ClassPrompts:
     ``extent``: the object's known 3D extent (``z_min..z_max`` by the 2D box), used to choose the
     crop; None without a box. ``clicks``: chronological ``(positive, (z, y, x))``.
     ``done``: this stage's ``clicks_order`` entry is None: the class is already perfect.
+    ``stage``: the click stage, i.e. how many ``clicks_order`` entries the class has (None
+    entries too; without ``clicks_order``, its number of clicks); 0 in the box stage.
     """
 
     box: Optional[Box] = None
     extent: Optional[Box] = None
     clicks: List[Tuple[bool, Vec3]] = field(default_factory=list)
     done: bool = False
+    stage: int = 0
 
 
 class PromptError(ValueError):
@@ -174,6 +177,7 @@ def class_prompts(case: dict, k: int, box_style: str) -> ClassPrompts:
     if clicks is not None or order:
         out.clicks = chronological_clicks(clicks or {}, order, shape)
         out.done = bool(order) and order[-1] is None
+        out.stage = len(order) if order else len(out.clicks)
     return out
 
 

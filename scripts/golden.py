@@ -49,6 +49,7 @@ POLICIES = tuple(sorted(PRESETS)) + (
     "card",  # the demo card's own policy (mirroring, probability paste on the reference loop)
     "project,mirror=on,mirror_axes=z,max_refine_patches=2",
     "reference,crop_nonzero=off,keep_lost=on,zoom_value=scale",
+    "release,mirror_last=on,last_click=2,mirror_axes=yx",  # gated mirroring at the 2nd click stage
 )
 
 
