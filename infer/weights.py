@@ -30,8 +30,9 @@ from .network import ArchitectureError, ResidualEncoderUNet, build_network, norm
 
 STEM_KEY = "encoder.stem.convs.0.conv.weight"
 # The interaction policy an nnInteractive release runs with unless told otherwise: nnInteractive
-# 1.1.5's own loop (docs/POLICY.md; the ablation there is for the demo model)
-RELEASE_POLICY = "reference"
+# 1.1.5's own loop with overlapping classes merged by probability (docs/POLICY.md, "Release
+# weights", gives the evidence; "reference" is the loop alone)
+RELEASE_POLICY = "release"
 
 log = logging.getLogger("infer")
 

@@ -149,7 +149,7 @@ def model(tmp_path_factory):
                                  seed=3, configuration="3d_fullres_ps24")
     net, card = load_model(folder)
     assert tuple(card.patch_size) == PATCH and tuple(card.channels[1:]) == tuple(CHANNELS)
-    return folder, Predictor(net, card, torch.device("cpu"))
+    return folder, Predictor(net, card, torch.device("cpu"), policy="reference")
 
 
 def _ref_classes(setup, off, zooms=ZOOMS, probes=True, predict=True):

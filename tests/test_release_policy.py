@@ -106,3 +106,12 @@ def test_no_gate_no_change():
     engine = _engine(fg)
     assert torch.equal(_forward(engine, None, 0.9), _p(fg))
     assert engine.events == []
+
+
+def test_a_release_folder_runs_the_release_preset(tmp_path):
+    from infer.predictor import Predictor
+    from infer.weights import load_model
+    from scripts.tinymodel import make_release_folder
+    net, card = load_model(make_release_folder(tmp_path / "rel"))
+    assert card.policy == "release"
+    assert Predictor(net, card, torch.device("cpu")).policy == PRESETS["release"]
