@@ -193,12 +193,18 @@ def test_readme_python_example_runs_on_a_sample_case():
                     "gts = np.load('sample_inputs/gts/' + case['name'])['gts']\n"
                     "print('CHECK', json.dumps([list(segs.shape) == list(case['imgs'].shape), str(segs.dtype),\n"
                     "      np.unique(segs).tolist(), np.unique(gts).tolist()]))\n")
-    r = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    (line,) = [l for l in r.stdout.splitlines() if l.startswith("CHECK ")]
-    same_shape, dtype, labels, gt_labels = json.loads(line[len("CHECK "):])
+    same_shape, dtype, labels, gt_labels = _run_check(check)
     assert same_shape and dtype == "uint8"
     assert labels == gt_labels
+
+
+def _run_check(code: str) -> list:
+    """Run ``code`` in a fresh interpreter at the repository root; return the JSON it printed
+    after ``CHECK ``."""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (line,) = [l for l in r.stdout.splitlines() if l.startswith("CHECK ")]
+    return json.loads(line[len("CHECK "):])
 
 
 def _python_blocks():
@@ -218,10 +224,7 @@ def test_readme_session_example_runs_on_a_sample_case():
                                "gts = np.load('sample_inputs/gts/' + case['name'])['gts'] == 1\n"
                                "dice = 2 * (gts & (mask == 1)).sum() / (gts.sum() + (mask == 1).sum())\n"
                                "print('CHECK', json.dumps([np.unique(mask).tolist(), session.n_objects, float(dice)]))\n")
-    r = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
-    (line,) = [l for l in r.stdout.splitlines() if l.startswith("CHECK ")]
-    labels, n_objects, dice = json.loads(line[len("CHECK "):])
+    labels, n_objects, dice = _run_check(check)
     assert labels == [0, 1] and n_objects == 1
     assert dice > 0.5, dice
 

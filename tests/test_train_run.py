@@ -10,30 +10,19 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from infer.convert import write_artifact
 from infer.weights import load_model, read_artifact
-from scripts.synthetic import generate_case, write_dataset
+from scripts.synthetic import write_dataset
 from train import __main__ as cli
-from train.data import Case
 from train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPE = (24, 48, 48)
+from test_train import SHAPE, _cases  # the same two small generated cases
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _cases(n=2, seed=7):
-    out = []
-    for i in range(n):
-        c = generate_case(np.random.default_rng([seed, i]), shape=SHAPE, n_classes=2,
-                          kinds=["blob", "ellipsoid"])
-        out.append(Case(f"c{i}.npz", c["imgs"], c["gts"], tuple(c["spacing"]), (1, 2)))
-    return out
 
 
 def _trainer(out, epochs, demo=True, **kw):
