@@ -1,7 +1,7 @@
 """Quality of the committed demo model (weights/demo), measured by the warm evaluation.
 
 Held-out synthetic cases are generated with a seed the model never saw in training (training used
-seed 1, per-epoch validation seed 2; see docs/TRAINING.md), in the validation layout, every third
+seed 1, per-epoch validation seed 2; see docs/DEMO_MODEL.md), in the validation layout, every third
 case without boxes. Each case goes through the organizer's six stages (``evaluation.runner``:
 box stage, five clicks placed by ``evaluation.clicks``, scored by ``evaluation.metrics``) with an
 in-process predictor. No training happens here.
@@ -104,7 +104,7 @@ def _has_boxes(path):
 # The floors are the committed model's level on these cases with a margin (box stage 0.761 ->
 # box-case DSC_Final 0.825, no-box 0.568; the model of run 4: 0.66 -> 0.818, no-box 0.331; the
 # model trained only on the classic generator: 0.663, no-box 0.246); the figures on all 16 cases
-# are in docs/TRAINING.md.
+# are in docs/DEMO_MODEL.md.
 HELD_OUT_FAMILY_CASES = 8
 
 
