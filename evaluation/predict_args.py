@@ -46,8 +46,12 @@ def warm_options(tokens: List[str]) -> Tuple[dict, int]:
     SystemExit (argparse's usage error) for a flag ``python -m infer`` does not accept."""
     if not tokens:
         return {}, 0
-    from infer.__main__ import parse_args  # the predictor's own parser: its flags, its defaults
-    given, default = vars(parse_args(list(tokens))), vars(parse_args([]))
+    from infer.__main__ import check_settings, parse_args  # the predictor's own parser and checks
+    parsed, defaults = parse_args(list(tokens)), parse_args([])
+    problems = check_settings(parsed) + check_settings(defaults)
+    if problems:
+        raise ValueError("--predict-arg: " + "; ".join(problems))
+    given, default = vars(parsed), vars(defaults)
     kwargs, threads = {}, 0
     for dest, value in given.items():
         if value == default.get(dest):

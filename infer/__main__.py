@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import sys
 import time
 
@@ -32,15 +34,52 @@ environment (read when the option is not given; the option wins):
 
 exit status: 0 when every case was handled (a case that cannot be segmented still gets its
 previous mask or zeros, and the log says why); 1 when the inputs or outputs folder is unusable;
+2 when a setting (option or INFER_* variable) is not valid: nothing is read or written;
 3 when the model could not be loaded (every readable case still gets its fallback output).
 """
 
+# Numeric settings: (dest, option, environment variable, type, test, what a valid value is).
+# Options and variables arrive as text and are checked by check_settings before anything runs.
+NUMERIC = (
+    ("seconds_per_class", "--seconds-per-class", "INFER_SECONDS_PER_CLASS", float, lambda v: v > 0,
+     "a finite number of seconds > 0"),
+    ("reserve_seconds", "--reserve-seconds", "INFER_RESERVE_SECONDS", float, lambda v: v >= 0,
+     "a finite number of seconds >= 0"),
+    ("memory_gb", "--memory-gb", "INFER_MEMORY_GB", float, lambda v: v > 0,
+     "a finite number of GB > 0"),
+    ("threads", "--threads", "INFER_THREADS", int, lambda v: v >= 0, "a whole number >= 0"),
+)
+DEVICES = re.compile(r"cpu|cuda(:\d+)?")
 
-def _env_float(name, default):
+
+def _number(text: str, kind):
+    """``text`` as ``kind`` (float or int), or None when it is not one or not finite."""
     try:
-        return float(os.environ.get(name, default))
+        value = kind(str(text).strip())
     except ValueError:
-        return float(default)
+        return None
+    return value if math.isfinite(value) else None
+
+
+def check_settings(args: argparse.Namespace) -> list:
+    """Convert the numeric settings in place; return one message per invalid setting, naming
+    the option and its environment variable (empty when every setting is valid)."""
+    problems = []
+    for dest, option, var, kind, ok, what in NUMERIC:
+        value = _number(getattr(args, dest), kind)
+        if value is None or not ok(value):
+            problems.append(f"{option} / {var} = {getattr(args, dest)!r}: expected {what}")
+        else:
+            setattr(args, dest, value)
+    if args.device is not None and not DEVICES.fullmatch(args.device):
+        problems.append(f"--device / INFER_DEVICE = {args.device!r}: expected cpu, cuda or cuda:N")
+    if args.policy is not None:
+        from .policy import parse_policy
+        try:
+            parse_policy(args.policy)
+        except ValueError as exc:
+            problems.append(f"--policy / INFER_POLICY = {args.policy!r}: {exc}")
+    return problems
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,13 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=env("INFER_DEVICE") or None,
                    help="cpu, cuda or cuda:N; unset (None): cuda when present, else cpu; cuda on a host "
                         "without CUDA logs one line and runs on the cpu")
-    p.add_argument("--seconds-per-class", type=float, default=_env_float("INFER_SECONDS_PER_CLASS", 15),
+    p.add_argument("--seconds-per-class", default=env("INFER_SECONDS_PER_CLASS", "15.0"),
                    help="time budget of one stage per class (the harness allows 90 s per class for all "
                         "six stages together)")
-    p.add_argument("--reserve-seconds", type=float, default=_env_float("INFER_RESERVE_SECONDS", 5),
+    p.add_argument("--reserve-seconds", default=env("INFER_RESERVE_SECONDS", "5.0"),
                    help="taken off each stage's budget for what happens outside the predictor: container "
                         "and interpreter start before this process counts, writing, exit")
-    p.add_argument("--memory-gb", type=float, default=_env_float("INFER_MEMORY_GB", DEFAULT_MEMORY_GB),
+    p.add_argument("--memory-gb", default=env("INFER_MEMORY_GB", str(float(DEFAULT_MEMORY_GB))),
                    help=f"host memory the run may use; images above memory / {BYTES_PER_VOXEL} bytes "
                         "per voxel are refused from their header (the harness's container has 32 GB)")
     p.add_argument("--no-autozoom", action="store_true", help="never zoom out and predict again")
@@ -72,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep zoomed-out predictions as they are (no full-resolution refinement patches)")
     p.add_argument("--policy", default=env("INFER_POLICY") or None,
                    help="interaction policy: preset[,knob=value...] (infer/policy.py; default: the model card's, else project) [INFER_POLICY]")
-    p.add_argument("--threads", type=int, default=int(_env_float("INFER_THREADS", 0)), help="CPU threads (0: all cores)")
+    p.add_argument("--threads", default=env("INFER_THREADS", "0"), help="CPU threads (0: all cores)")
     return p.parse_args(argv)
 
 
@@ -162,6 +201,12 @@ def main(argv=None, clock=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="infer: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)  # one summary line per case, whatever the root logger's level
+    problems = check_settings(args)
+    if problems:
+        for problem in problems:
+            log.error("invalid setting: %s", problem)
+        log.error("nothing was read or written (exit status 2); sh predict.sh --help lists every setting")
+        return 2
     start = T0 if clock is None else clock()
     clock = clock or time.monotonic
     if not os.path.isdir(args.inputs):

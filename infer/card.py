@@ -22,6 +22,7 @@ CARD_FILE = "model_card.json"
 DEFAULT_CHANNELS = ("image", "prev_mask", "box+", "box-", "point+", "point-", "scribble+",
                     "scribble-")
 BOX_STYLES = ("2d", "3d")
+MAX_CLICK_RADIUS = 64  # voxels; nnInteractive v1.0 draws radius 4 (a ball is (2r + 1)^3 voxels)
 NORMALIZATIONS = ("zscore_nonzero_bbox",)
 
 
@@ -85,8 +86,9 @@ class ModelCard:
         if self.box_style not in BOX_STYLES:
             raise CardError(f"box_style {self.box_style!r} is unknown (one of {BOX_STYLES})")
         if isinstance(self.click_radius, bool) or not isinstance(self.click_radius, (int, float)) \
-                or not self.click_radius > 0:
-            raise CardError(f"click_radius must be a positive number, got {self.click_radius!r}")
+                or not 0 < self.click_radius <= MAX_CLICK_RADIUS:
+            raise CardError(f"click_radius must be a number in (0, {MAX_CLICK_RADIUS}] voxels, got "
+                            f"{self.click_radius!r}")
         if isinstance(self.prompt_decay, bool) or not isinstance(self.prompt_decay, (int, float)) \
                 or not 0 < self.prompt_decay <= 1:
             raise CardError(f"prompt_decay must be in (0, 1], got {self.prompt_decay!r}")

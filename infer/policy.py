@@ -113,8 +113,9 @@ class Policy:
         for k, allowed in CHOICES.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"policy {k}={getattr(self, k)!r}: one of {allowed}")
-        if not (self.max_zoom >= 1 and self.zoom_step > 1 and self.context >= 0):
-            raise ValueError(f"policy needs max_zoom >= 1, zoom_step > 1, context >= 0: {self}")
+        if not (1 <= self.max_zoom <= 64 and 1 < self.zoom_step <= 64 and 0 <= self.context <= 64):
+            raise ValueError(f"policy needs 1 <= max_zoom <= 64, 1 < zoom_step <= 64, 0 <= context <= 64 "
+                             f"(finite): {self}")
         if self.max_refine_patches < 0:
             raise ValueError("policy max_refine_patches must be >= 0")
         if not (0.0 <= self.mirror_gate <= 1.0) or self.last_click < 1:
