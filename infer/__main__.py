@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import sys
 import time
 
@@ -165,7 +166,9 @@ def _outputs_problem(folder: str):
         return "it exists and is not a folder"
     try:
         os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".tmp-{os.getpid()}-probe")
+        # a random name, created exclusively: PIDs repeat in containers, and a probe left by a
+        # killed run must not make every later run fail
+        probe = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(8)}-probe")
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
         os.unlink(probe)
     except OSError as exc:
@@ -226,6 +229,11 @@ def main(argv=None, clock=None) -> int:
         log.error("cannot write outputs to %s: %s (--outputs / INFER_OUTPUTS)", shown(args.outputs), problem)
         return 1
 
+    from .writer import remove_stale_temporaries
+    stale = remove_stale_temporaries(args.outputs)
+    if stale:
+        log.info("removed %d temporary file(s) left in %s by an earlier run that was stopped while writing",
+                 stale, shown(args.outputs))
     import torch
     from .npz import Limits, read_case
     from .writer import label_dtype, write_segs

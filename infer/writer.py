@@ -4,7 +4,10 @@ import contextlib
 import io
 import os
 import secrets
+import shutil
+import time
 import zipfile
+from typing import Optional
 
 import numpy as np
 from numpy.lib import format as npformat
@@ -35,9 +38,40 @@ def to_labels(arr, k=None) -> np.ndarray:
     return a.astype(dtype)
 
 
+TEMP_PREFIX = ".tmp-"
+STALE_SECONDS = 120  # a temporary untouched this long belongs to a run that died
+
+
 def _temp_name(folder: str) -> str:
     """A new hidden name in ``folder``: short whatever the final name, never ``*.npz``."""
-    return os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def remove_stale_temporaries(folder: str, older_than: float = STALE_SECONDS, now: Optional[float] = None) -> int:
+    """Remove the temporaries (``.tmp-*`` files and folders) in ``folder`` that nothing has
+    written to for ``older_than`` seconds: left by a run that was killed while writing. A
+    writer fills its temporary within seconds, so a live one is never that old. Returns how
+    many were removed; ones that cannot be removed are left alone."""
+    now = time.time() if now is None else now
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError:
+            continue
+    return removed
 
 
 @contextlib.contextmanager
@@ -55,7 +89,6 @@ def atomic_write(path, mode: str = "wb", encoding=None, folder: bool = False):
     No fsync: outputs are read by the next process through the same page cache (an fsync cost
     10-300 ms per 78 MB here, docs/PERFORMANCE.md); it guards only against the host losing power.
     """
-    import shutil
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
     tmp = _temp_name(parent)

@@ -89,3 +89,40 @@ def test_policy_knobs_must_be_finite(knob):
     with pytest.raises(ValueError):
         parse_policy("reference," + knob)
     assert Policy().max_zoom == 4.0  # the defaults themselves pass
+
+
+def _sample_case(folder):
+    import shutil
+    from pathlib import Path
+    folder.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "sample_inputs" / "CT_sample_box.npz", folder)
+
+
+def test_a_probe_left_under_this_pid_does_not_block_the_outputs(tmp_path, caplog):
+    """The writability probe was named from the PID alone; PIDs repeat in containers."""
+    from pathlib import Path
+    inp, out = tmp_path / "in", tmp_path / "out"
+    _sample_case(inp)
+    out.mkdir()
+    (out / f".tmp-{os.getpid()}-probe").write_bytes(b"")  # what a killed run of this PID left
+    weights = Path(__file__).resolve().parents[1] / "weights" / "demo"
+    rc = main(["--inputs", str(inp), "--outputs", str(out), "--weights", str(weights), "--device", "cpu",
+               "--seconds-per-class", "1000"])
+    assert rc == 0 and (out / "CT_sample_box.npz").is_file()
+
+
+def test_stale_temporaries_are_removed_and_fresh_ones_kept(tmp_path):
+    from infer.writer import STALE_SECONDS, remove_stale_temporaries
+    old_file, old_dir, fresh = tmp_path / ".tmp-1-aaaa", tmp_path / ".tmp-2-bbbb", tmp_path / ".tmp-3-cccc"
+    other = tmp_path / "case.npz"
+    old_file.write_bytes(b"x" * 100)
+    old_dir.mkdir()
+    (old_dir / "weights.pt").write_bytes(b"y")
+    fresh.write_bytes(b"z")
+    other.write_bytes(b"keep")
+    now = 1_000_000.0
+    for p in (old_file, old_dir, other):
+        os.utime(p, (now - STALE_SECONDS - 1, now - STALE_SECONDS - 1))
+    os.utime(fresh, (now - 5, now - 5))
+    assert remove_stale_temporaries(str(tmp_path), now=now) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-3-cccc", "case.npz"]
