@@ -33,10 +33,12 @@ environment (read when the option is not given; the option wins):
   INFER_RESERVE_SECONDS, INFER_THREADS, INFER_MEMORY_GB, INFER_POLICY
   PYTHON  interpreter predict.sh runs (default: python3, else python)
 
-exit status: 0 when every case was handled (a case that cannot be segmented still gets its
-previous mask or zeros, and the log says why); 1 when the inputs or outputs folder is unusable;
-2 when a setting (option or INFER_* variable) is not valid: nothing is read or written;
-3 when the model could not be loaded (every readable case still gets its fallback output).
+exit status: 0 when every class of every case was predicted as asked; 1 when the inputs or
+outputs folder is unusable; 2 when a setting (option or INFER_* variable) is not valid: nothing is read or written;
+3 when the model could not be loaded (every readable case still gets its fallback output);
+4 when some case or class was not predicted as asked: a case fell back to its previous mask or
+zeros, or got no output, or a class kept its previous mask (an error, or the time budget); the
+log names each, and every other output is written.
 """
 
 # Numeric settings: (dest, option, environment variable, type, test, what a valid value is).
@@ -255,12 +257,12 @@ def main(argv=None, clock=None) -> int:
         predictor, rc = None, 3
     log.info("model ready on %s after %.2f s", predictor.device if predictor else "-", clock() - start)
 
-    failures = 0
+    failed, kept = set(), 0  # cases with a fallback or no output; classes that kept their mask
     for name in names:
         src, dst, label = os.path.join(args.inputs, name), os.path.join(args.outputs, name), shown(name)
         t_case = clock()
         case = segs = None
-        k, how = "?", "segmented"
+        k, how, note = "?", "segmented", ""
         try:
             case = read_case(src, limits=limits)
             case["name"] = label
@@ -272,9 +274,14 @@ def main(argv=None, clock=None) -> int:
                 raise RuntimeError("no model loaded")
             deadline = ((start if name == names[0] else t_case) + args.seconds_per_class * max(k, 1)
                         - args.reserve_seconds)
+            seen = len(predictor.events)
             segs = predictor.predict(case, deadline=deadline, clock=clock)
+            fell = sum(e.get("event") == "class_kept_previous" for e in predictor.events[seen:])
+            if fell:
+                kept += fell
+                note = f"; {fell} of {k} class(es) kept their previous mask (see above)"
         except Exception as exc:
-            failures += 1
+            failed.add(name)
             log.error("%s: %s", label, _one_line(exc))
             try:
                 segs = _fallback_segs(src, case, limits)
@@ -282,20 +289,23 @@ def main(argv=None, clock=None) -> int:
             except Exception as exc2:  # unreadable even for its shape
                 log.error("%s: fallback failed: %s", label, _one_line(exc2))
         if segs is None:
+            failed.add(name)
             log.error("%s: no output: not even a usable image shape is readable", label)
             continue
         try:
             write_segs(dst, segs)
         except Exception as exc:
-            failures += 1
+            failed.add(name)
             log.error("%s: no output: writing %s failed: %s", label, shown(dst), _one_line(exc))
             continue
-        log.info("%s: %s, K=%s, shape %s %s, labels up to %d, %.2f s", label, how, k,
-                 "x".join(map(str, segs.shape)), segs.dtype, int(segs.max(initial=0)), clock() - t_case)
-    log.info("done: %d case(s), %d problem(s), %.2f s in all", len(names), failures, clock() - start)
+        log.info("%s: %s, K=%s, shape %s %s, labels up to %d, %.2f s%s", label, how, k,
+                 "x".join(map(str, segs.shape)), segs.dtype, int(segs.max(initial=0)), clock() - t_case, note)
+    log.info("done: %d case(s), %d problem(s), %d class(es) kept their previous mask, %.2f s in all",
+             len(names), len(failed), kept, clock() - start)
     if rc:
         log.error("the model did not load (see above): outputs are fallbacks only")
-    return rc
+        return rc
+    return 4 if failed or kept else 0
 
 
 if __name__ == "__main__":

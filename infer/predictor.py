@@ -219,6 +219,7 @@ class Predictor:
             log.error("%s: class %d: %s: %s", name, k, type(exc).__name__, _first_line(exc))
             if isinstance(exc, torch.OutOfMemoryError):
                 engine.report("class_failed")
+            engine.events.append({"event": "class_kept_previous", "why": type(exc).__name__, **engine.where})
             return None
 
     def _ladder(self, engine: Engine, x: ClassInput, budget: Budget, frame: Frame) -> Optional[Region]:

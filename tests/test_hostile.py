@@ -141,7 +141,8 @@ def test_memo_bomb_pickles_are_refused_quickly_and_the_next_case_still_runs(tmp_
     proc = subprocess.run([sys.executable, "-m", "infer", "--inputs", str(inp), "--outputs", str(tmp_path / "out"),
                            "--weights", str(weights), "--device", "cpu", "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 4, proc.stderr  # two cases fell back: said by the status
+    assert "done: 3 case(s), 2 problem(s), 0 class(es) kept" in proc.stderr
     for name in ("a_bomb_key.npz", "b_bomb_value.npz"):
         assert f"{name}: boxes: refused pickle: expands to more than" in proc.stderr
         assert (segs_of(tmp_path / "out" / name) == 0).all()  # fallback: zeros of the shape
@@ -187,7 +188,8 @@ def test_fifo_and_links_to_devices_are_refused_without_blocking(tmp_path, weight
     proc = subprocess.run([sys.executable, "-m", "infer", "--inputs", str(inp), "--outputs", str(tmp_path / "out"),
                            "--weights", str(weights), "--device", "cpu", "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 4, proc.stderr  # three inputs refused: said by the status
+    assert "done: 4 case(s), 3 problem(s)" in proc.stderr
     assert sorted(os.listdir(tmp_path / "out")) == ["c_link_to_regular.npz"]
     assert "c_link_to_regular.npz: segmented" in proc.stderr
     for name in ("a_fifo.npz", "b_zero.npz", "d_folder.npz"):
@@ -240,7 +242,7 @@ def test_declared_size_over_the_memory_limit_is_refused_before_reading(tmp_path,
     with pytest.raises(CaseError, match="exceeds the memory limit"):
         read_case(inp / "a_declares_2e9.npz")  # the default limit (28 GB / 32 B per voxel)
     rc, messages = run(inp, tmp_path / "out", weights, "--memory-gb", "0.5")
-    assert rc == 0
+    assert rc == 4  # the refused case fell back
     assert sorted(os.listdir(tmp_path / "out")) == ["c_short_but_sane.npz"]
     assert segs_of(tmp_path / "out" / "c_short_but_sane.npz").shape == (4, 5, 6)
     assert summary(messages, "a_declares_2e9.npz").startswith("a_declares_2e9.npz: no output")
@@ -270,7 +272,7 @@ def test_a_bad_box_loses_its_class_alone(tmp_path, weights, bad):
     np.savez(inp / "bad.npz", imgs=image(), prev_pred=prev, boxes=objects([BOXES[0], bad, BOXES[2]]))
     np.savez(inp / "ref.npz", imgs=image(), prev_pred=prev, boxes=objects([BOXES[0], {}, BOXES[2]]))
     rc, messages = run(inp, tmp_path / "out", weights)
-    assert rc == 0
+    assert rc == 4  # class 2 kept its previous mask
     assert summary(messages, "bad.npz").startswith("bad.npz: segmented, K=3")
     assert any(m.startswith("bad.npz: class 2: PromptError") for m in messages)
     got, ref = segs_of(tmp_path / "out" / "bad.npz"), segs_of(tmp_path / "out" / "ref.npz")
@@ -291,6 +293,7 @@ def test_bad_clicks_of_one_class_keep_its_previous_mask(tmp_path, weights):
     np.savez(inp / "ref.npz", imgs=image(), prev_pred=prev, clicks=objects([good, None, good]),
              clicks_order=objects([["fg"], [], ["fg"]]))
     rc, messages = run(inp, tmp_path / "out", weights)
+    assert rc == 4 and any(m.startswith("done: 2 case(s), 0 problem(s), 1 class(es) kept") for m in messages)
     got, ref = segs_of(tmp_path / "out" / "bad.npz"), segs_of(tmp_path / "out" / "ref.npz")
     assert np.array_equal(got, ref) and (got[4:6, 18:22, 6:10] == 2).all()
     assert any(m.startswith("bad.npz: class 2: PromptError") for m in messages)
@@ -371,7 +374,9 @@ def test_budget_holds_with_sixty_thousand_clicks_on_one_class(tmp_path, weights)
         elapsed = time.monotonic() - t0
     finally:
         logging.getLogger("infer").removeHandler(handler)
-    assert rc == 0 and (tmp_path / "out" / "many.npz").exists()
+    (summary,) = [m for m in handler.messages if m.startswith("done: ")]
+    kept = int(re.search(r"(\d+) class\(es\) kept", summary).group(1))
+    assert rc == (4 if kept else 0) and (tmp_path / "out" / "many.npz").exists()  # the status tells
     assert elapsed <= max(10 * 1.1, 10 + 1), (elapsed, handler.messages)
 
 
