@@ -297,8 +297,8 @@ def test_table_lists_every_check_and_the_gpu():
 def test_settings_per_mode_and_overrides():
     q = gc.mode_settings(gc.parse_args(["--quick"]))
     f = gc.mode_settings(gc.parse_args([]))
-    assert q["repeats"] < f["repeats"] and q["iters"] < f["iters"] and q["ladder"] == ["forward"]
-    assert f["ladder"] == ["forward", "case"] and f["classes"] == [1, 3, 5] and f["shape"] == [300, 512, 512]
+    assert q["repeats"] < f["repeats"] and q["iters"] < f["iters"] and q["ladder"] == ["forward", "card16"]
+    assert f["ladder"] == ["forward", "case", "card16"] and f["classes"] == [1, 3, 5] and f["shape"] == [300, 512, 512]
     s = gc.mode_settings(gc.parse_args(["--quick", "--repeats", "4", "--sections", "demo,environment"]))
     assert s["repeats"] == 4 and s["sections"] == ["environment", "demo"]  # run order, not given order
     with pytest.raises(SystemExit):
@@ -346,3 +346,13 @@ def test_a_failing_section_is_recorded_and_the_rest_still_runs(tmp_path):
     rep = json.loads((out / gc.REPORT_NAME).read_text())
     assert rep["sections"]["environment"]["status"] == "ok"
     assert rep["sections"]["demo"]["status"] == "failed" and "predict.sh" in rep["sections"]["demo"]["error"]
+
+
+def test_a_16_gb_card_scenario_passes_only_without_a_rung():
+    ok = {"output_ok": True, "rungs": [], "class_errors": []}
+    assert gc.scenario_ok("card16", ok) and not gc.scenario_ok("forward", ok)
+    laddered = dict(ok, rungs=["zoom_1"])
+    assert gc.scenario_ok("forward", laddered) and not gc.scenario_ok("card16", laddered)
+    assert not gc.scenario_ok("card16", dict(ok, output_ok=False))
+    assert not gc.scenario_ok("card16", dict(ok, class_errors=["x.npz: class 1: RuntimeError"]))
+    assert 15 * 2 ** 30 < gc.CARD16_CAP < 16 * 2 ** 30  # 16 GiB less the driver's share
