@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Dict, List
 
-from scripts.ablation import table_row
+from scripts.ablation import _float, _mean, table_row
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASUREMENTS = ROOT / "docs" / "measurements"
@@ -45,16 +45,11 @@ def read_rows(folder: Path, entry: dict) -> List[dict]:
         return list(csv.DictReader(f))
 
 
-def _mean(values) -> float:
-    vals = [float(v) for v in values if v not in ("", None) and not math.isnan(float(v))]
-    return sum(vals) / len(vals) if vals else math.nan
-
-
 def quality_row(rows: List[dict]) -> dict:
     """The demo-quality figures of one evaluation: :func:`scripts.ablation.table_row` plus the
     first click stage of the cases without boxes (they start there)."""
     row = table_row(rows)
-    row["first click (no-box)"] = _mean(r["DSC_2"] for r in rows if r["HasBoxes"] != "True")
+    row["first click (no-box)"] = _mean([_float(r["DSC_2"]) for r in rows if r["HasBoxes"] != "True"])
     row["n box"] = sum(r["HasBoxes"] == "True" for r in rows)
     return row
 
@@ -62,7 +57,7 @@ def quality_row(rows: List[dict]) -> dict:
 def box_fill(rows: List[dict]) -> float:
     """Mean Dice of filling each class's box as a 3D block (``scripts.box_baseline``'s CSV) over
     the cases with boxes: the floor a box stage has to beat."""
-    return _mean(r["DSC_box3d"] for r in rows)
+    return _mean([_float(r["DSC_box3d"]) for r in rows])
 
 
 def _f(x: float) -> str:
