@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import re
-import secrets
 import sys
 import time
 
@@ -168,9 +167,10 @@ def _outputs_problem(folder: str):
         return "it exists and is not a folder"
     try:
         os.makedirs(folder, exist_ok=True)
-        # a random name, created exclusively: PIDs repeat in containers, and a probe left by a
-        # killed run must not make every later run fail
-        probe = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(8)}-probe")
+        # the writer's random temporary name, created exclusively: PIDs repeat in containers,
+        # and a probe left by a killed run must not make every later run fail
+        from .writer import temp_name
+        probe = temp_name(folder) + "-probe"
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600))
         os.unlink(probe)
     except OSError as exc:

@@ -42,7 +42,7 @@ TEMP_PREFIX = ".tmp-"
 STALE_SECONDS = 120  # a temporary untouched this long belongs to a run that died
 
 
-def _temp_name(folder: str) -> str:
+def temp_name(folder: str) -> str:
     """A new hidden name in ``folder``: short whatever the final name, never ``*.npz``."""
     return os.path.join(folder, f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
 
@@ -91,7 +91,7 @@ def atomic_write(path, mode: str = "wb", encoding=None, folder: bool = False):
     """
     path = os.path.abspath(os.fspath(path))
     parent = os.path.dirname(path)
-    tmp = _temp_name(parent)
+    tmp = temp_name(parent)
     if folder:
         os.mkdir(tmp)
     else:
@@ -102,7 +102,7 @@ def atomic_write(path, mode: str = "wb", encoding=None, folder: bool = False):
             yield tmp
             old = None
             if os.path.isdir(path) and not os.path.islink(path):
-                old = _temp_name(parent)
+                old = temp_name(parent)
                 os.rename(path, old)
             try:
                 os.replace(tmp, path)
