@@ -35,6 +35,12 @@ Layouts: ``--layout val`` (default): ``DIR/images``, ``DIR/gts``, ``DIR/meta`` a
 ``scripts.nifti to-case`` writes them (for ``python -m evaluation --images DIR/images --gts
 DIR/gts``); ``--layout train``: ``DIR/<name>.npz`` with ``imgs``, ``gts``, ``spacing`` (for
 ``python -m train --data DIR``; only with ``--split train``).
+
+Augmented training copies (``--augment N --seed S``, train layout only): N variants of the scan,
+each with every training case, made by :func:`augment` from the scan in Hounsfield units before
+the window: resampled to other voxel spacings, flipped and with y and x swapped (orientation),
+intensity scaled, shifted and noised, then put through a window jittered around ``--window`` as
+the converter makes it. Variant 0 is the scan as it is.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
+
+import numpy as np
 
 from scripts import nifti
 
@@ -161,31 +169,82 @@ def plan(split: str) -> List[Tuple[str, List[str], bool]]:
     raise ValueError(f"split is eval, train or all, not {split!r}")
 
 
+# augmentation ranges (training copies only): per-axis spacing factor, HU scale and shift, noise
+# standard deviation in HU, window level and width jitter
+SPACING_FACTOR = (0.75, 1.33)
+HU_SCALE, HU_SHIFT, HU_NOISE = (0.9, 1.1), (-20.0, 20.0), (0.0, 15.0)
+LEVEL_JITTER, WIDTH_FACTOR = (-30.0, 30.0), (0.75, 1.25)
+
+
+def _resample(array: np.ndarray, shape: Tuple[int, ...], order: int) -> np.ndarray:
+    from scipy.ndimage import zoom
+    factors = [n / s for n, s in zip(shape, array.shape)]
+    return zoom(array, factors, order=order, mode="nearest", grid_mode=True)
+
+
+def augment(vol: dict, lab: dict, rng: np.random.Generator,
+            window: Tuple[float, float] = nifti.DEFAULT_WINDOW) -> Tuple[dict, dict, Tuple[float, float]]:
+    """One augmented copy of a scan in HU and its label map (:func:`scripts.nifti.read_nifti`
+    dicts, same grid) and the window to convert it with: each axis resampled by a factor in
+    :data:`SPACING_FACTOR` (the spacing divided by it; labels by nearest neighbour), each axis
+    flipped with probability 1/2, y and x swapped with probability 1/2, HU scaled, shifted and
+    noised, the window's level shifted and width scaled. The affine is kept (training copies are
+    never written back onto the scan's grid)."""
+    hu, labels = vol["array"].astype(np.float32), lab["array"]
+    spacing = np.asarray(vol["spacing"], np.float64)
+    factor = np.exp(rng.uniform(*np.log(SPACING_FACTOR), size=3))
+    shape = tuple(max(8, int(round(n * f))) for n, f in zip(hu.shape, factor))
+    spacing = spacing * np.asarray(hu.shape) / np.asarray(shape)
+    hu, labels = _resample(hu, shape, 1), _resample(labels, shape, 0)
+    for axis in range(3):
+        if rng.random() < 0.5:
+            hu, labels = np.flip(hu, axis), np.flip(labels, axis)
+    if rng.random() < 0.5:
+        hu, labels = hu.transpose(0, 2, 1), labels.transpose(0, 2, 1)
+        spacing = spacing[[0, 2, 1]]
+    hu = hu * rng.uniform(*HU_SCALE) + rng.uniform(*HU_SHIFT)
+    hu = hu + rng.normal(0.0, rng.uniform(*HU_NOISE), hu.shape).astype(np.float32)
+    level, width = window
+    window = (level + rng.uniform(*LEVEL_JITTER), width * rng.uniform(*WIDTH_FACTOR))
+    new_vol = dict(vol, array=np.ascontiguousarray(hu), spacing=tuple(float(s) for s in spacing))
+    new_lab = dict(lab, array=np.ascontiguousarray(labels))
+    return new_vol, new_lab, window
+
+
 def build(scan, labels, out, split: str = "eval", layout: str = "val",
-          window: Tuple[float, float] = nifti.DEFAULT_WINDOW, names: Dict[int, str] = None) -> List[str]:
+          window: Tuple[float, float] = nifti.DEFAULT_WINDOW, names: Dict[int, str] = None,
+          augment_n: int = 0, seed: int = 0) -> List[str]:
     """Write the cases of ``split`` to ``out``; returns their file names. ``scan``/``labels``:
-    NIfTI paths; ``names``: label value -> name (default: :data:`STRUCTURES`)."""
+    NIfTI paths; ``names``: label value -> name (default: :data:`STRUCTURES`); ``augment_n`` > 0
+    (train layout only): that many variants of every case (:func:`augment`, generator seeded with
+    ``seed``), named ``..._aNNN``, variant 0 unchanged."""
     if layout not in ("val", "train"):
         raise ValueError(f"layout is val or train, not {layout!r}")
     if layout == "train" and split != "train":
         raise ValueError("--layout train holds ground truth beside the image: only for --split train")
+    if augment_n and layout != "train":
+        raise ValueError("--augment makes training copies: only with --layout train")
     names = names or {v: n for n, (v, _, _) in STRUCTURES.items()}
     vol = nifti.read_nifti(scan)
     lab = nifti.read_nifti(labels, labels=True)
+    rng = np.random.default_rng(seed)
     written = []
-    for i, (case, members, boxes) in enumerate(plan(split)):
-        c = nifti.scan_to_case(vol, lab, names, members, "CT", window, boxes=boxes, seed=i)
-        c["meta"]["source"] = str(scan)
-        c["meta"]["split"] = "eval" if case in {e[0] for e in EVAL_CASES} else "train"
-        c["meta"]["kinds"] = [STRUCTURES[m][1] for m in members]
-        name = f"CT_realct_{case}"
-        if layout == "val":
-            nifti.write_case(out, name, c)
-        else:
-            from scripts.synthetic import _atomic_savez
-            _atomic_savez(Path(out) / f"{name}.npz", imgs=c["image"]["imgs"], gts=c["gts"]["gts"],
-                          spacing=c["image"]["spacing"])
-        written.append(f"{name}.npz")
+    for variant in range(max(1, augment_n)):
+        v_vol, v_lab, v_window = (vol, lab, window) if variant == 0 else augment(vol, lab, rng, window)
+        suffix = f"_a{variant:03d}" if augment_n else ""
+        for i, (case, members, boxes) in enumerate(plan(split)):
+            c = nifti.scan_to_case(v_vol, v_lab, names, members, "CT", v_window, boxes=boxes, seed=i)
+            c["meta"]["source"] = str(scan)
+            c["meta"]["split"] = "eval" if case in {e[0] for e in EVAL_CASES} else "train"
+            c["meta"]["kinds"] = [STRUCTURES[m][1] for m in members]
+            name = f"CT_realct_{case}{suffix}"
+            if layout == "val":
+                nifti.write_case(out, name, c)
+            else:
+                from scripts.synthetic import _atomic_savez
+                _atomic_savez(Path(out) / f"{name}.npz", imgs=c["image"]["imgs"], gts=c["gts"]["gts"],
+                              spacing=c["image"]["spacing"])
+            written.append(f"{name}.npz")
     return written
 
 
@@ -202,6 +261,10 @@ def main(argv=None) -> int:
     p.add_argument("--layout", default="val", choices=("val", "train"),
                    help="val: images/, gts/, meta/ (default); train: one npz per case with gts (--split train only)")
     p.add_argument("--window", default="40,400", help="CT window LEVEL,WIDTH in HU (default 40,400)")
+    p.add_argument("--augment", type=int, default=0, metavar="N",
+                   help="training copies: N variants of every case (resampled, flipped, intensity "
+                        "and window jittered; variant 0 as it is); --layout train only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the augmentation")
     p.add_argument("--label-names", type=Path, help="JSON label value -> name, for a label map numbered "
                                                     "otherwise than TotalSegmentator's total task")
     a = p.parse_args(argv)
@@ -209,7 +272,8 @@ def main(argv=None) -> int:
         names = None
         if a.label_names:
             names = nifti.read_label_names(a.label_names)
-        written = build(a.scan, a.labels, a.out, a.split, a.layout, nifti.parse_window(a.window), names)
+        written = build(a.scan, a.labels, a.out, a.split, a.layout, nifti.parse_window(a.window), names,
+                        a.augment, a.seed)
     except (ValueError, OSError, KeyError) as exc:
         p.error(str(exc))
     print(f"wrote {len(written)} {a.split} cases to {a.out} ({a.layout} layout)")

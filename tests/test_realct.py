@@ -44,12 +44,12 @@ def test_evaluation_cases_use_only_evaluation_structures_and_training_cases_only
     assert {realct.STRUCTURES[m][1] for _, ms, _ in realct.plan("eval") for m in ms} == set(realct.KINDS)
 
 
-def _fake_scan(tmp_path):
-    """A (x, y, z) = (20, 18, 16) CT whose label map holds every evaluation structure as one small
+def _fake_scan(tmp_path, split="eval"):
+    """A (x, y, z) = (20, 18, 16) CT whose label map holds every structure of ``split`` as one small
     block (label values as in STRUCTURES), in a row along x, y and z."""
     lab = np.zeros((20, 18, 16), np.uint8)
-    for i, name in enumerate(realct.structures("eval")):
-        x, y, z = 2 + (i % 5) * 3, 2 + (i // 5) * 3, 2 + (i % 4) * 3
+    for i, name in enumerate(realct.structures(split)):
+        x, y, z = 2 + (i % 6) * 3, 2 + (i // 6) * 3 % 15, 2 + (i % 4) * 3
         lab[x:x + 2, y:y + 2, z:z + 2] = realct.STRUCTURES[name][0]
     scan = np.where(lab > 0, 100, -50).astype(np.int16)
     nib.save(nib.Nifti1Image(scan, AFFINE), str(tmp_path / "ct.nii.gz"))
@@ -114,3 +114,53 @@ def test_the_real_ct_gives_every_case_its_structures_and_touching_classes(tmp_pa
         touching += any(_touch(gts == a, gts == b) for a in range(1, len(members) + 1)
                         for b in range(a + 1, len(members) + 1))
     assert touching >= 5  # vessels, spine, muscles and their no-box versions at least
+
+
+def _block_volume():
+    """A (z, y, x) = (12, 16, 20) scan at (3, 1.5, 1) mm: 0 HU, with a 100 HU block labelled 5 at
+    z 2..5, y 4..11, x 6..15."""
+    hu = np.zeros((12, 16, 20), np.float32)
+    lab = np.zeros((12, 16, 20), np.uint8)
+    hu[2:6, 4:12, 6:16] = 100.0
+    lab[2:6, 4:12, 6:16] = 5
+    affine = np.diag([1.0, 1.5, 3.0, 1.0])
+    vol = {"array": hu, "spacing": (3.0, 1.5, 1.0), "affine": affine, "shape_xyz": (20, 16, 12)}
+    return vol, dict(vol, array=lab)
+
+
+def test_augment_keeps_the_physical_extent_the_labels_and_the_ranges():
+    vol, lab = _block_volume()
+    extent = np.asarray(vol["spacing"]) * np.asarray(vol["array"].shape)  # 36, 24, 20 mm
+    block_mm3 = 4 * 3.0 * 8 * 1.5 * 10 * 1.0
+    for seed in range(12):
+        v, l, (level, width) = realct.augment(vol, lab, np.random.default_rng(seed))
+        assert v["array"].shape == l["array"].shape
+        assert set(np.unique(l["array"])) == {0, 5}
+        # the physical extent is the same whatever the resampling and axis swap (y and x may swap)
+        new_extent = np.asarray(v["spacing"]) * np.asarray(v["array"].shape)
+        assert new_extent[0] == pytest.approx(extent[0])
+        assert sorted(new_extent[1:]) == pytest.approx(sorted(extent[1:]))
+        for n, o in zip(sorted(v["array"].shape[1:]), sorted(vol["array"].shape[1:])):
+            assert 0.74 * o - 1 <= n <= 1.34 * o + 1
+        # the labelled volume in mm^3 stays within a voxel layer of the block's 480 mm^3
+        voxel = float(np.prod(v["spacing"]))
+        assert abs(int((l["array"] == 5).sum()) * voxel - block_mm3) < 0.6 * block_mm3
+        # inside the block the intensity is 100 HU scaled by 0.9..1.1, shifted by +-20, noised
+        inside = v["array"][l["array"] == 5]
+        assert 60 < float(np.median(inside)) < 140
+        assert 10.0 <= level <= 70.0 and 300.0 <= width <= 500.0
+
+
+def test_augmented_training_copies_start_with_the_scan_as_it_is(tmp_path):
+    _fake_scan(tmp_path, "train")
+    names = realct.build(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "o", "train",
+                         "train", augment_n=3, seed=4)
+    assert len(names) == 3 * len(realct.plan("train"))
+    plain = realct.build(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "p", "train", "train")
+    for name in plain:
+        with np.load(tmp_path / "p" / name) as a, \
+                np.load(tmp_path / "o" / name.replace(".npz", "_a000.npz")) as b:
+            for key in ("imgs", "gts", "spacing"):
+                np.testing.assert_array_equal(a[key], b[key])
+    with pytest.raises(ValueError):
+        realct.build(tmp_path / "ct.nii.gz", tmp_path / "seg.nii.gz", tmp_path / "v", "train", "val", augment_n=2)
