@@ -181,6 +181,26 @@ def parse_policy(spec) -> Policy:
     return PRESETS[base].replace(name=",".join([base] + overrides), **kw)
 
 
+# the predictor's keyword overrides: flags that switch a knob off, and knobs taken as they are
+SWITCHES = {"autozoom": ("zoom_out", "none"), "refine": ("refine", "none")}
+OVERRIDES = ("max_zoom", "context", "max_refine_patches")
+
+
+def with_overrides(policy: Policy, **kw) -> Policy:
+    """``policy`` with the predictor's keyword overrides applied: ``autozoom=False`` ->
+    ``zoom_out="none"``, ``refine=False`` -> ``refine="none"`` (True or None change nothing), and
+    ``max_zoom``, ``context``, ``max_refine_patches`` as given (None: unchanged). Any other
+    keyword raises TypeError, as a misspelt argument would."""
+    unknown = sorted(set(kw) - set(SWITCHES) - set(OVERRIDES))
+    if unknown:
+        raise TypeError(f"unknown predictor option(s) {unknown}; known: {sorted(SWITCHES) + list(OVERRIDES)}")
+    knobs = {k: v for k, v in kw.items() if k in OVERRIDES and v is not None}
+    for flag, (knob, off) in SWITCHES.items():
+        if kw.get(flag) is False:
+            knobs[knob] = off
+    return policy.replace(**knobs) if knobs else policy
+
+
 def mirror_flips(policy: Policy) -> List[Tuple[int, ...]]:
     """The flips one view is predicted under, as dims of a (B, C, Z, Y, X) tensor: ``[()]``
     without mirroring, else every combination of ``policy.mirror_axes`` (the identity first)."""

@@ -30,7 +30,7 @@ from .engine import Engine, free_device
 from .frame import Frame
 from .geometry import bbox_of
 from .interaction import ClassInput, run_class
-from .policy import Policy, mirror_flips, parse_policy
+from .policy import Policy, mirror_flips, parse_policy, with_overrides
 from .prompts import class_prompts, num_classes
 from .region import MERGES, Region, class_values
 
@@ -117,26 +117,19 @@ class Predictor:
     ``network``: module mapping (1, C, *patch) -> (1, 2, *patch) logits; ``card``: its model card;
     ``policy``: the interaction policy (``infer.policy``: a preset name, a spec such as
     ``"reference,refine=none"``, or a ``Policy``); default: the card's ``policy`` field, else
-    ``"project"``. The keyword arguments ``autozoom`` (False: ``zoom_out="none"``), ``refine``
-    (False: ``refine="none"``), ``max_zoom``, ``context`` and ``max_refine_patches`` override
-    the policy's knobs of those names. ``events``: structured reports, as dicts: the
+    ``"project"``. ``overrides``: the keywords ``autozoom`` (False: ``zoom_out="none"``),
+    ``refine`` (False: ``refine="none"``), ``max_zoom``, ``context`` and ``max_refine_patches``
+    override the policy's knobs of those names (``infer.policy.with_overrides``; another keyword
+    is a TypeError). ``events``: structured reports, as dicts: the
     out-of-memory rungs taken (``infer.engine.Engine.report``) and the gated-mirroring outcomes
     (``infer.engine.Engine.gated``).
     """
 
     def __init__(self, network: torch.nn.Module, card: ModelCard, device: Optional[str | torch.device] = None,
-                 policy: Optional[str | Policy] = None, autozoom: Optional[bool] = None,
-                 max_zoom: Optional[float] = None, context: Optional[float] = None,
-                 refine: Optional[bool] = None, max_refine_patches: Optional[int] = None):
+                 policy: Optional[str | Policy] = None, **overrides):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
         pol = parse_policy(policy if policy is not None else getattr(card, "policy", None))
-        kw = {k: v for k, v in (("max_zoom", max_zoom), ("context", context),
-                                ("max_refine_patches", max_refine_patches)) if v is not None}
-        if autozoom is False:
-            kw["zoom_out"] = "none"
-        if refine is False:
-            kw["refine"] = "none"
-        self.policy = pol.replace(**kw) if kw else pol
+        self.policy = with_overrides(pol, **overrides)
         self.engine = Engine(network.to(self.device).eval(), card, self.device, mirror_flips(self.policy))
         self.cpu_fallback = self.device.type != "cpu"  # retry out-of-memory classes on the CPU
 
