@@ -76,6 +76,8 @@ def entries(value, what, parse):
 
 
 def _box(box, what):
+    if box is None:  # no box for this class (its clicks, if any, still count)
+        return {}
     if not isinstance(box, dict):
         raise CaseError(f"{what}: expected a dict, got {type(box).__name__}")
     out = {}

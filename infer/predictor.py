@@ -31,8 +31,9 @@ from .frame import Frame
 from .geometry import bbox_of
 from .interaction import ClassInput, run_class
 from .policy import Policy, mirror_flips, parse_policy, with_overrides
-from .prompts import class_prompts, num_classes
+from .prompts import class_prompts, has_entries, num_classes
 from .region import MERGES, Region, class_values
+from .writer import to_labels
 
 log = logging.getLogger("infer")
 
@@ -179,13 +180,17 @@ class Predictor:
         imgs = case["imgs"]
         shape = tuple(imgs.shape)
         k_total = num_classes(case)
+        asked = [k for k in range(1, k_total + 1) if has_entries(case, k)]
+        if len(asked) < k_total or not k_total:
+            _say_unprompted(case, k_total, len(asked))
         with torch.inference_mode():
             image, nonzero = normalize_image(imgs, engine.device, with_box=True)
             frame = Frame.of_box(nonzero if self.policy.crop_nonzero else None, shape)
             image = frame.cut(image)
-            prev_t = _prev_labels(case, shape, k_total, engine.device)
+            prev_t, present = _prev_labels(case, shape, k_total, engine.device)
             merge = MERGES[self.policy.paste](shape, k_total, engine.device)
-            for k in range(1, k_total + 1):
+            # a class with neither prompts nor a previous mask has nothing to add: no work at all
+            for k in sorted(set(asked) | present):
                 prev_k = (prev_t == k) if prev_t is not None else None
                 pbox = bbox_of(prev_k) if prev_k is not None else None
                 region = self._class(case, k, engine, budget, (image, frame, prev_k, pbox))
@@ -242,19 +247,48 @@ def _to_cpu(x: ClassInput) -> ClassInput:
     return ClassInput(x.image.cpu(), x.prompts, None if x.prev is None else x.prev.cpu(), x.prev_box)
 
 
-def _prev_labels(case: dict, shape, k_total: int, device: torch.device) -> Optional[torch.Tensor]:
-    """The case's ``prev_pred`` on ``device`` (int32 where uint8 could not hold the labels), or
-    None when absent or of another shape than ``imgs`` (logged)."""
+def _prev_labels(case: dict, shape, k_total: int, device: torch.device):
+    """``(labels, present)``: the case's ``prev_pred`` as labels on ``device`` (int32 where uint8
+    could not be compared with labels above 255) and the set of its labels 1..K, found once; or
+    ``(None, set())`` when absent or of another shape than ``imgs`` (logged). One label rule for
+    every path (``infer.writer.to_labels``, as the fallback output uses it): a signed, float or
+    boolean map has its negatives, NaN and labels above K as background and fractions rounded;
+    an unsigned map is used as it is (its labels above K are never a class's)."""
     prev = case.get("prev_pred")
     if prev is None:
-        return None
+        return None, set()
     if tuple(prev.shape) != tuple(shape):
         log.warning("%s: prev_pred shape %s != imgs shape %s: ignored", case.get("name", "case"), prev.shape, shape)
-        return None
+        return None, set()
+    if prev.dtype not in (np.uint8, np.uint16):
+        prev = to_labels(prev, k_total)
+    present = present_labels(prev, k_total)
     prev_t = torch.from_numpy(np.ascontiguousarray(prev)).to(device)
-    if prev_t.dtype == torch.bool or (k_total > 255 and prev_t.dtype == torch.uint8):
+    if k_total > 255 and prev_t.dtype == torch.uint8:
         prev_t = prev_t.to(torch.int32)  # `uint8 == 300` would wrap to `== 44`
-    return prev_t
+    return prev_t, present
+
+
+def present_labels(labels: np.ndarray, k_total: int, slab_voxels: int = 1 << 22) -> set:
+    """The labels 1..``k_total`` that occur in a uint8 or uint16 map, counted slab by slab (no
+    volume-sized temporary)."""
+    counts = np.zeros(int(np.iinfo(labels.dtype).max) + 1, np.int64)
+    flat = labels.reshape(-1)
+    for start in range(0, flat.size, slab_voxels):
+        counts += np.bincount(flat[start:start + slab_voxels], minlength=counts.size)
+    return {int(v) for v in np.flatnonzero(counts[1:k_total + 1]) + 1}
+
+
+def _say_unprompted(case: dict, k_total: int, asked: int) -> None:
+    """One warning for a case that prompts none of its classes (or has none), one line of debug
+    for a case that leaves some out."""
+    name = case.get("name", "case")
+    if not asked:
+        log.warning("%s: no boxes and no clicks for any class: every class keeps its previous mask "
+                    "(zeros without prev_pred)", name)
+    else:
+        log.debug("%s: %d of %d classes have neither a box nor clicks: they keep their previous "
+                  "masks", name, k_total - asked, k_total)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -162,6 +162,28 @@ def _entry(case: dict, key: str, k: int):
     return entry
 
 
+def _holds_something(entry) -> bool:
+    if entry is None:
+        return False
+    if isinstance(entry, dict):  # a box, or a click entry {"fg": [...], "bg": [...]}
+        return any(v not in (None, [], ()) for v in entry.values()) if set(entry) <= {"fg", "bg"} else bool(entry)
+    if isinstance(entry, (list, tuple)):  # a clicks_order entry
+        return len(entry) > 0
+    return True  # anything else (an unusable entry among them) is the class's business
+
+
+def has_entries(case: dict, k: int) -> bool:
+    """Whether class ``k`` (1-based) has anything in ``boxes``, ``clicks`` or ``clicks_order``:
+    a box, a click, an order step, or an entry that cannot be used. A class without (its box
+    None or ``{}``, no clicks, an empty order) has nothing to predict: it keeps its previous
+    mask, which costs nothing when the previous prediction does not hold its label."""
+    for key in ("boxes", "clicks", "clicks_order"):
+        items = case.get(key)
+        if items is not None and k - 1 < len(items) and _holds_something(items[k - 1]):
+            return True
+    return False
+
+
 def class_prompts(case: dict, k: int, box_style: str) -> ClassPrompts:
     """The prompts of class ``k`` (1-based) in ``case`` (a dict as ``infer.npz.read_case`` returns).
 
@@ -223,12 +245,8 @@ def _unique_clicks(clicks: Sequence[Tuple[bool, Vec3]], decay: float) -> Tuple[t
     pos = torch.tensor([bool(c[0]) for c in clicks], dtype=torch.bool)
     pts = torch.tensor([c[1] for c in clicks], dtype=torch.int64).reshape(n, 3)
     age = torch.arange(n - 1, -1, -1, dtype=torch.int64)
-    # one int64 key per (polarity, point): 20 bits per coordinate (clicks lie inside the volume)
-    shifted = pts - pts.min(0).values
-    if bool((shifted >= 1 << 20).any()):
-        raise ValueError("click coordinates span more than 2**20 voxels")
-    key = ((pos.long() << 60) | (shifted[:, 0] << 40) | (shifted[:, 1] << 20) | shifted[:, 2])
-    uniq, inv = torch.unique(key, return_inverse=True)
+    # one row (polarity, z, y, x) per click, any coordinate range; rows sort lexicographically
+    uniq, inv = torch.unique(torch.cat([pos.long()[:, None], pts], 1), dim=0, return_inverse=True)
     newest = torch.full((uniq.shape[0],), n, dtype=torch.int64).scatter_reduce(0, inv, age, "amin")
     weight = torch.pow(torch.tensor(float(decay), dtype=torch.float64), newest.double()).float()
     first = torch.full((uniq.shape[0],), n, dtype=torch.int64).scatter_reduce(
