@@ -15,13 +15,13 @@ process. ``set_epoch`` works with persistent workers because the epoch travels w
 
 :class:`ExampleSet` (in the workers) reads the case (``Case.load``: from memory, or from its npz
 file for a lazily indexed folder), normalises the image and tries the whole prompt simulation
-without the network (``train.simulate.SimModel.without_network``: crops come from the
-trainer's model card and interaction policy, ``infer.policy``): an example that never needs the network (no second step) comes back finished,
-as a patch-sized input and target. One that does raises ``train.simulate.ModelNeeded`` and comes
-back as the case's arrays; the main process then runs the simulation again from the slot's
-generator with the trainer's model (its engine on the network being trained) on the training
-device, which gives exactly the example a
-direct run gives.
+without the network (``train.simulate.SimModel.without_network``: crops come from the trainer's
+model card and interaction policy, ``infer.policy``): an example that never needs the network
+(no second step) comes back finished, as a patch-sized input and target. One that does raises
+``train.simulate.ModelNeeded`` and comes back as the case's arrays; the main process then runs
+the simulation again from the slot's generator with the trainer's model (its engine on the
+network being trained, on the training device), which gives exactly the example a direct run
+gives.
 """
 from __future__ import annotations
 

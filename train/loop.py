@@ -4,10 +4,10 @@
 for epoch ``e`` draws from ``np.random.default_rng([seed, e])`` only, so a run resumed from the
 checkpoint of epoch ``e`` (network weights, optimizer and grad-scaler state, epoch counter) takes
 exactly the steps an uninterrupted run takes. An epoch interrupted half-way is redone from its
-start. After each epoch an optional ``validate(network, card, device, policy) -> dict`` runs (the warm
-evaluation of the network being trained, ``train.validate``),
-its numbers go to ``OUT/log.jsonl`` with the epoch's mean loss; when its ``best_metric`` (higher
-is better) beats every earlier epoch's, the epoch's artifact is copied to ``OUT/best``
+start. After each epoch an optional ``validate(network, card, device, policy) -> dict`` runs (the
+warm evaluation of the network being trained, ``train.validate``); its numbers go to
+``OUT/log.jsonl`` with the epoch's mean loss; when its ``best_metric`` (higher is better) beats
+every earlier epoch's, the epoch's artifact is copied to ``OUT/best``
 (``train.checkpoint.save_best``). Only the newest ``keep`` epoch folders stay (<= 0: all).
 
 Distributed (``dist``: a ``train.distributed.DistContext`` of more than one process) or with

@@ -7,8 +7,9 @@ One training example for one class of one case, built exactly as inference sees 
    prediction (``evaluation.clicks.next_click`` against an all-zero mask: the centre of the largest
    ground-truth component, always a foreground click).
 2. With probability ``p_second``, a second step: the network is run without gradients through the
-   inference's own per-class loop (``infer.interaction.run_class`` on the predictor's engine:
-   crop choice, zooming out, resampling back into the volume, as its policy decides), the organizer's click is placed on
+   inference's own per-class loop (``infer.interaction.whole_volume_mask`` -> ``run_class`` on
+   an engine built on the network being trained: crop choice, zooming out, resampling back into
+   the volume, as the interaction policy decides), the organizer's click is placed on
    that prediction (``evaluation.clicks.next_click``: largest 26-connected error component,
    maximum-EDT voxel, fg/bg by the truth), and the previous-mask and click channels are updated
    (prompts rebuilt with ``infer.prompts.class_prompts`` from a case dict in the harness's form).
@@ -16,14 +17,14 @@ One training example for one class of one case, built exactly as inference sees 
    on the first interaction with an empty previous mask, which is what the box stage and the
    first click of a no-box case feed the model.
 3. The example is the network input for the final prompts on the crop the interaction policy
-   chooses (``infer.interaction.first_view``, the predictor's own rule; with probability ``p_zoom_out`` the crop reached after
+   chooses (``infer.interaction.first_view``, inference's own rule; with probability ``p_zoom_out`` the crop reached after
    one or two zoom-out steps, ``infer.policy.view_crop``), and the ground truth resampled onto
    that crop. Refinement examples (``p_refine``) take a zoom-1 tile drawn by
    ``infer.policy.sample_tile`` over the coarse prediction.
 
 The crop decisions come from ``infer.policy`` alone, so examples that need no network (no second
-step) are built without a predictor (``predictor=None`` with ``card`` and ``policy``); one that
-needs the network then raises :class:`ModelNeeded`. Crops are taken in the whole volume (the
+step) are built from a :class:`SimModel` without an engine (its card and policy); one that needs
+the network then raises :class:`ModelNeeded`. Crops are taken in the whole volume (the
 policy's ``crop_nonzero`` is not applied here). Everything is in (z, y, x) voxel order of ``imgs``.
 """
 from __future__ import annotations
@@ -117,8 +118,8 @@ def make_input(card: ModelCard, image: torch.Tensor, prompts: ClassPrompts,
 
 def training_crop(policy: Policy, patch, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                   zoom_steps: int = 0) -> Crop:
-    """The predictor's first crop, or (``zoom_steps`` > 0) the crop it reaches after that many
-    zoom-out steps (``infer.policy.view_crop``)."""
+    """The policy's first crop, or (``zoom_steps`` > 0) the crop its autozoom reaches after that
+    many zoom-out steps (``infer.policy.view_crop``)."""
     center, zoom = first_view(policy, prompts, prev_k, patch)
     return view_crop(policy, center, zoom, patch, zoom_steps)
 
