@@ -198,6 +198,121 @@ def _device(name):
     return name
 
 
+def _settings_ok(args: argparse.Namespace) -> bool:
+    """Whether every setting is valid; each invalid one is logged."""
+    problems = check_settings(args)
+    for problem in problems:
+        log.error("invalid setting: %s", problem)
+    if problems:
+        log.error("nothing was read or written (exit status 2); sh predict.sh --help lists every setting")
+    return not problems
+
+
+def _case_names(folder: str) -> list:
+    """The ``.npz`` names in ``folder``, sorted; its other files are named in one warning."""
+    entries = sorted(os.listdir(folder))
+    names = [n for n in entries if n.endswith(".npz")]
+    skipped = [n for n in entries if not n.endswith(".npz") and os.path.isfile(os.path.join(folder, n))]
+    if skipped:
+        log.warning(_skipped_line(skipped))
+    return names
+
+
+def _outputs_ready(folder: str) -> bool:
+    """Whether outputs can be written to ``folder`` (logged when not); then removes the temporary
+    files an earlier run left there when it was stopped while writing."""
+    problem = _outputs_problem(folder)
+    if problem:
+        log.error("cannot write outputs to %s: %s (--outputs / INFER_OUTPUTS)", shown(folder), problem)
+        return False
+    from .writer import remove_stale_temporaries
+    stale = remove_stale_temporaries(folder)
+    if stale:
+        log.info("removed %d temporary file(s) left in %s by an earlier run that was stopped while writing",
+                 stale, shown(folder))
+    return True
+
+
+def _load_predictor(args: argparse.Namespace):
+    """The predictor the settings name, or None (logged) when its weights do not load."""
+    from .predictor import Predictor
+    try:
+        return Predictor.from_path(args.weights, device=_device(args.device),
+                                   autozoom=not args.no_autozoom, refine=not args.no_refine,
+                                   policy=args.policy)
+    except Exception as exc:
+        log.error("cannot load weights from %s: %s", shown(str(args.weights)), _one_line(exc))
+        log.error("check --weights / INFER_WEIGHTS: a folder holding model_card.json + weights.pt "
+                  "(scripts/prepare_weights.py) or an nnInteractive release (plans.json, "
+                  "fold_0/checkpoint_final.pth); every case gets its fallback output, exit status 3")
+        return None
+
+
+class _CaseLoop:
+    """The folder loop over cases: each one read, predicted within its time budget (or given its
+    fallback output after an error), written, and reported in one line. ``predictor``: None when
+    the weights did not load (every case gets its fallback); ``start``: when the first case's
+    budget starts. ``failed``: cases with a fallback or no output; ``kept``: classes that kept
+    their previous mask."""
+
+    def __init__(self, args: argparse.Namespace, predictor, limits, clock, start: float):
+        self.args, self.predictor, self.limits, self.clock, self.start = args, predictor, limits, clock, start
+        self.failed: set = set()
+        self.kept = 0
+
+    def segment(self, name: str, src: str, label: str, budget_from: float):
+        """``(segs, k, how, note)`` of one case: the predictor's labels, or after an error the
+        fallback's (``segs`` None when not even an image shape is readable)."""
+        from .npz import read_case
+        from .prompts import num_classes
+        from .writer import label_dtype
+        case, k = None, "?"
+        try:
+            case = read_case(src, limits=self.limits)
+            case["name"] = label
+            for warning in case.get("warnings", []):
+                log.warning("%s: %s", label, warning)
+            k = num_classes(case)
+            label_dtype(k)  # more than 65535 classes cannot be written
+            if self.predictor is None:
+                raise RuntimeError("no model loaded")
+            deadline = budget_from + self.args.seconds_per_class * max(k, 1) - self.args.reserve_seconds
+            seen = len(self.predictor.events)
+            segs = self.predictor.predict(case, deadline=deadline, clock=self.clock)
+            fell = sum(e.get("event") == "class_kept_previous" for e in self.predictor.events[seen:])
+            self.kept += fell
+            note = f"; {fell} of {k} class(es) kept their previous mask (see above)" if fell else ""
+            return segs, k, "segmented", note
+        except Exception as exc:
+            self.failed.add(name)
+            log.error("%s: %s", label, _one_line(exc))
+            try:
+                return _fallback_segs(src, case, self.limits), k, "fallback (previous mask or zeros)", ""
+            except Exception as exc2:  # unreadable even for its shape
+                log.error("%s: fallback failed: %s", label, _one_line(exc2))
+                return None, k, "", ""
+
+    def run(self, name: str, first: bool) -> None:
+        """Segment and write case ``name``; ``first``: its budget counts from ``start``."""
+        from .writer import write_segs
+        src, dst, label = os.path.join(self.args.inputs, name), os.path.join(self.args.outputs, name), shown(name)
+        t_case = self.clock()
+        segs, k, how, note = self.segment(name, src, label, self.start if first else t_case)
+        if segs is None:
+            self.failed.add(name)
+            log.error("%s: no output: not even a usable image shape is readable", label)
+            return
+        try:
+            write_segs(dst, segs)
+        except Exception as exc:
+            self.failed.add(name)
+            log.error("%s: no output: writing %s failed: %s", label, shown(dst), _one_line(exc))
+            return
+        log.info("%s: %s, K=%s, shape %s %s, labels up to %d, %.2f s%s", label, how, k,
+                 "x".join(map(str, segs.shape)), segs.dtype, int(segs.max(initial=0)),
+                 self.clock() - t_case, note)
+
+
 def main(argv=None, clock=None) -> int:
     """Run the folder loop. ``clock``: a monotonic clock in seconds for the time budget. Default:
     time.monotonic, and the first case's budget counts from process start (module import), so
@@ -206,11 +321,7 @@ def main(argv=None, clock=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="infer: %(message)s", stream=sys.stderr)
     log.setLevel(logging.INFO)  # one summary line per case, whatever the root logger's level
-    problems = check_settings(args)
-    if problems:
-        for problem in problems:
-            log.error("invalid setting: %s", problem)
-        log.error("nothing was read or written (exit status 2); sh predict.sh --help lists every setting")
+    if not _settings_ok(args):
         return 2
     start = T0 if clock is None else clock()
     clock = clock or time.monotonic
@@ -218,94 +329,28 @@ def main(argv=None, clock=None) -> int:
         log.error("inputs folder %s does not exist or is not a folder (--inputs / INFER_INPUTS)",
                   shown(args.inputs))
         return 1
-    entries = sorted(os.listdir(args.inputs))
-    names = [n for n in entries if n.endswith(".npz")]
-    skipped = [n for n in entries if not n.endswith(".npz") and os.path.isfile(os.path.join(args.inputs, n))]
-    if skipped:
-        log.warning(_skipped_line(skipped))
+    names = _case_names(args.inputs)
     if not names:
         log.error("no .npz cases in %s", shown(args.inputs))
         return 0
-    problem = _outputs_problem(args.outputs)
-    if problem:
-        log.error("cannot write outputs to %s: %s (--outputs / INFER_OUTPUTS)", shown(args.outputs), problem)
+    if not _outputs_ready(args.outputs):
         return 1
-
-    from .writer import remove_stale_temporaries
-    stale = remove_stale_temporaries(args.outputs)
-    if stale:
-        log.info("removed %d temporary file(s) left in %s by an earlier run that was stopped while writing",
-                 stale, shown(args.outputs))
     import torch
-    from .npz import Limits, read_case
-    from .writer import label_dtype, write_segs
-    from .predictor import Predictor
-    from .prompts import num_classes
+    from .npz import Limits
     limits = Limits.for_memory(args.memory_gb)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    rc = 0
-    try:
-        predictor = Predictor.from_path(args.weights, device=_device(args.device),
-                                        autozoom=not args.no_autozoom, refine=not args.no_refine,
-                                        policy=args.policy)
-    except Exception as exc:
-        log.error("cannot load weights from %s: %s", shown(str(args.weights)), _one_line(exc))
-        log.error("check --weights / INFER_WEIGHTS: a folder holding model_card.json + weights.pt "
-                  "(scripts/prepare_weights.py) or an nnInteractive release (plans.json, "
-                  "fold_0/checkpoint_final.pth); every case gets its fallback output, exit status 3")
-        predictor, rc = None, 3
+    predictor = _load_predictor(args)
     log.info("model ready on %s after %.2f s", predictor.device if predictor else "-", clock() - start)
-
-    failed, kept = set(), 0  # cases with a fallback or no output; classes that kept their mask
+    loop = _CaseLoop(args, predictor, limits, clock, start)
     for name in names:
-        src, dst, label = os.path.join(args.inputs, name), os.path.join(args.outputs, name), shown(name)
-        t_case = clock()
-        case = segs = None
-        k, how, note = "?", "segmented", ""
-        try:
-            case = read_case(src, limits=limits)
-            case["name"] = label
-            for warning in case.get("warnings", []):
-                log.warning("%s: %s", label, warning)
-            k = num_classes(case)
-            label_dtype(k)  # more than 65535 classes cannot be written
-            if predictor is None:
-                raise RuntimeError("no model loaded")
-            deadline = ((start if name == names[0] else t_case) + args.seconds_per_class * max(k, 1)
-                        - args.reserve_seconds)
-            seen = len(predictor.events)
-            segs = predictor.predict(case, deadline=deadline, clock=clock)
-            fell = sum(e.get("event") == "class_kept_previous" for e in predictor.events[seen:])
-            if fell:
-                kept += fell
-                note = f"; {fell} of {k} class(es) kept their previous mask (see above)"
-        except Exception as exc:
-            failed.add(name)
-            log.error("%s: %s", label, _one_line(exc))
-            try:
-                segs = _fallback_segs(src, case, limits)
-                how = "fallback (previous mask or zeros)"
-            except Exception as exc2:  # unreadable even for its shape
-                log.error("%s: fallback failed: %s", label, _one_line(exc2))
-        if segs is None:
-            failed.add(name)
-            log.error("%s: no output: not even a usable image shape is readable", label)
-            continue
-        try:
-            write_segs(dst, segs)
-        except Exception as exc:
-            failed.add(name)
-            log.error("%s: no output: writing %s failed: %s", label, shown(dst), _one_line(exc))
-            continue
-        log.info("%s: %s, K=%s, shape %s %s, labels up to %d, %.2f s%s", label, how, k,
-                 "x".join(map(str, segs.shape)), segs.dtype, int(segs.max(initial=0)), clock() - t_case, note)
+        loop.run(name, first=name == names[0])
     log.info("done: %d case(s), %d problem(s), %d class(es) kept their previous mask, %.2f s in all",
-             len(names), len(failed), kept, clock() - start)
-    if rc:
+             len(names), len(loop.failed), loop.kept, clock() - start)
+    if predictor is None:
         log.error("the model did not load (see above): outputs are fallbacks only")
-        return rc
-    return 4 if failed or kept else 0
+        return 3
+    return 4 if loop.failed or loop.kept else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ view comes back into the volume, which zoom-1 tiles refine it. The execution: vi
 engine (``infer.engine.Engine``), each started only if it fits the time budget
 (``infer.budget.Budget``); coordinates through the frame (``infer.frame.Frame``); the result a
 ``infer.region.Region`` in volume coordinates. Inference (``infer.predictor``) and training
-(``train.simulate``) both drive this loop.
+(``train.simulate``, through :func:`whole_volume_mask`) both drive this loop.
 """
 from __future__ import annotations
 
@@ -84,6 +84,18 @@ def run_class(engine: Engine, policy: Policy, x: ClassInput, budget: Budget, fra
         if refines(policy, coarse.zoom, coarse.crop):
             region = Refinement(engine, policy, x, budget, frame).run(region, center)
     return region
+
+
+def whole_volume_mask(engine: Engine, policy: Policy, x: ClassInput) -> np.ndarray:
+    """One class predicted over the whole volume without a time limit (``run_class`` in the
+    volume's own frame), as a (D, H, W) bool mask: its values > 0.5, the previous mask where it
+    leaves the values open and where it has nothing to prompt with (all False without one). The
+    caller chooses the autograd mode: training runs it under ``torch.no_grad``."""
+    shape = tuple(x.image.shape)
+    region = run_class(engine, policy, x, Budget(), Frame.whole(shape))
+    if region is None:
+        return np.zeros(shape, dtype=bool) if x.prev is None else x.prev.cpu().numpy().astype(bool)
+    return region.binary(x.prev, shape)
 
 
 def zoom_out(engine: Engine, policy: Policy, x: ClassInput, budget: Budget, center: Sequence[float],

@@ -21,7 +21,7 @@ recipe's defaults:
    ``--data-examples`` slots, in this process with one torch thread (a worker's setting);
    examples/s per worker. Slots that need the no-grad second interaction come back deferred;
    the main process finishes them (``train.loader.finish_batch``: one no-grad prediction through
-   the predictor, the organizer's click, the final input), timed apart per deferred example.
+   the trainer's engine, the organizer's click, the final input), timed apart per deferred example.
 2. The training step: ``Trainer.train_step`` (forward, 10 x Dice + CE, backward, AdamW; fp16
    autocast on CUDA) on one batch, ``--steps`` times after one warm-up step; median and mean.
 3. The loop: ``--loop-steps`` steps of ``Trainer.loader_batches`` (the DataLoader with
@@ -170,8 +170,9 @@ def build(config: str, weights, seed: int, need_network: bool):
 
 def data_only_trainer(cases, card, p_second: float, device):
     """The parts of a ``train.loop.Trainer`` the data side reads, without a network: its cases,
-    its prompt simulation (the recipe's other settings at ``Trainer``'s defaults), a predictor
-    that only carries the card and the card's policy (the workers never run the network), and
+    its prompt simulation (the recipe's other settings at ``Trainer``'s defaults), a
+    ``train.simulate.SimModel`` that only carries the card and the card's policy (the workers
+    never run the network), and
     the training device the data side serves (``device``: on a GPU the workers leave the deferred
     examples' normalisation to the main process)."""
     import functools
@@ -179,16 +180,15 @@ def data_only_trainer(cases, card, p_second: float, device):
     from types import SimpleNamespace
 
     import torch
-    from infer.predictor import Predictor
     from train.loop import Trainer
-    from train.simulate import simulate_example
+    from train.simulate import SimModel, simulate_example
     d = {k: v.default for k, v in inspect.signature(Trainer.__init__).parameters.items()}
     simulate = functools.partial(simulate_example, p_box=d["p_box"], p_second=p_second,
                                  autozoom=d["sim_autozoom"], p_zoom_out=d["p_zoom_out"],
                                  p_refine=d["p_refine"])
     cpu = torch.device("cpu")
     return SimpleNamespace(cases=cases, simulate=simulate, device=torch.device(device),
-                           predictor=Predictor(torch.nn.Identity(), card, cpu))
+                           sim=SimModel.of(None, card, cpu))
 
 
 def count_parameters(net, card) -> int:
@@ -231,7 +231,7 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None, k
     figures and the items (None for the finished ones after the first ``keep_first``)."""
     import torch
     from train.loader import ExampleSet, finish_batch
-    examples = ExampleSet(trainer.cases, trainer.simulate, trainer.predictor, seed, n_examples,
+    examples = ExampleSet(trainer.cases, trainer.simulate, trainer.sim, seed, n_examples,
                           normalize=trainer.device.type == "cpu")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -282,7 +282,7 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None, k
         for it in deferred:
             _sync(trainer.device)
             t = time.perf_counter()
-            finish_batch([it], trainer.simulate, trainer.predictor, seed, trainer.device)
+            finish_batch([it], trainer.simulate, trainer.sim, seed, trainer.device)
             _sync(trainer.device)
             ft.append(time.perf_counter() - t)
         out["finish_s_per_deferred"] = sum(ft) / len(ft)
@@ -292,7 +292,7 @@ def data_side(trainer, n_examples: int, seed: int, finish: bool, profile=None, k
 def train_steps(trainer, items, batch: int, seed: int, steps: int) -> dict:
     """Phase 2: ``steps`` timed ``Trainer.train_step`` calls on one batch, after one warm-up."""
     from train.loader import finish_batch
-    x, t = finish_batch(items[:batch], trainer.simulate, trainer.predictor, seed, trainer.device)
+    x, t = finish_batch(items[:batch], trainer.simulate, trainer.sim, seed, trainer.device)
     trainer.train_step(x, t)  # warm-up (allocator, cuDNN autotuning)
     _sync(trainer.device)
     times = []
@@ -440,7 +440,7 @@ def main(argv=None) -> int:
         make_s = make_cases(work / "data", a.cases, shape, a.seed)
         refs = index_folder(work / "data")
         net, card, wdesc = build(a.config, a.weights, a.seed, need_network=not a.data_only)
-        if a.data_only:  # what the workers need of a Trainer: cases, simulate, predictor, device
+        if a.data_only:  # what the workers need of a Trainer: cases, simulate, sim, device
             # the data side of a GPU run unless --device cpu says otherwise (no GPU is used)
             trainer = data_only_trainer(refs, card, a.p_second, a.device or "cuda")
         else:

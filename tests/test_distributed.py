@@ -70,7 +70,7 @@ def test_sampler_shards_the_epoch_into_the_global_batches():
 
 @pytest.mark.slow
 def test_loader_examples_equal_the_trainers_own_simulation(data):
-    """A slot built by the workers' path (finished there, or deferred to the trainer's predictor)
+    """A slot built by the workers' path (finished there, or deferred to the trainer's model)
     is the example the trainer's simulation gives from the slot's generator."""
     from train.loop import Trainer
     net, card = cli.build_model("scratch", "tiny", 0, "3d", False, "test")
@@ -78,16 +78,16 @@ def test_loader_examples_equal_the_trainers_own_simulation(data):
                  batch_size=2, seed=5, device="cpu", progress=False, p_second=0.5, p_zoom_out=0.5)
     refs = index_folder(data)
     assert [r.name for r in refs] == [c.name for c in tr.cases]
-    ds = ExampleSet(refs, tr.simulate, tr.predictor, seed=5, n_slots=6)
+    ds = ExampleSet(refs, tr.simulate, tr.sim, seed=5, n_slots=6)
     items = [ds[(1, j)] for j in range(6)]
     deferred = [it.x is None for it in items]
     assert any(deferred) and not all(deferred)  # both kinds occur with p_second = 0.5
-    x, t = finish_batch(items, tr.simulate, tr.predictor, 5, torch.device("cpu"))
+    x, t = finish_batch(items, tr.simulate, tr.sim, 5, torch.device("cpu"))
     plan = ds.plan(1)
     for j in range(6):
         ci, label = plan[j]
         case = tr.cases[ci]
-        ex = tr.simulate(tr.predictor, case.imgs, case.gts == label, slot_rng(5, 1, j))
+        ex = tr.simulate(tr.sim, case.imgs, case.gts == label, slot_rng(5, 1, j))
         torch.testing.assert_close(x[j], ex.x, rtol=0, atol=0)
         torch.testing.assert_close(t[j], ex.target, rtol=0, atol=0)
 

@@ -9,7 +9,6 @@ from torch import nn
 
 from infer.card import DEFAULT_CHANNELS, ModelCard
 from infer.interaction import first_view
-from infer.predictor import Predictor
 from infer.weights import load_model
 from scripts.synthetic import generate_case
 from train import __main__ as cli
@@ -17,7 +16,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.configs import get_config
 from train.data import Case
 from train.loop import Trainer
-from train.simulate import simulate_example
+from train.simulate import SimModel, simulate_example
 
 SHAPE = (24, 48, 48)
 
@@ -124,9 +123,9 @@ class _ChannelStub(nn.Module):
         return torch.cat([-m, m], 1)
 
 
-def _stub_predictor(ch, box_style="3d"):
+def _stub_model(ch, box_style="3d"):
     net, card = _tiny(box_style=box_style)
-    return Predictor(_ChannelStub(ch), card, "cpu")
+    return SimModel.of(_ChannelStub(ch), card, torch.device("cpu"))
 
 
 def _largest_component(mask):
@@ -146,7 +145,7 @@ def test_simulated_click_lies_in_the_largest_error_component_fg_bg_by_truth():
     kinds = set()
     for seed in range(4):
         # box first, then the stub "network" answers with its box channel (index 2)
-        ex = simulate_example(_stub_predictor(2), imgs, gt, np.random.default_rng(seed),
+        ex = simulate_example(_stub_model(2), imgs, gt, np.random.default_rng(seed),
                               p_box=1.0, p_second=1.0)
         assert ex.first == "box" and ex.click is not None and ex.first_pred is not None
         error = ex.first_pred != gt
@@ -173,7 +172,7 @@ def test_click_first_then_fg_click_from_a_point_stub():
     gt = np.zeros(SHAPE, dtype=bool)
     gt[6:18, 8:40, 8:40] = True  # far bigger than a click ball
     imgs = (gt * 150 + 40).astype(np.uint8)
-    ex = simulate_example(_stub_predictor(4), imgs, gt, np.random.default_rng(0), p_box=0.0,
+    ex = simulate_example(_stub_model(4), imgs, gt, np.random.default_rng(0), p_box=0.0,
                           p_second=1.0)
     assert ex.first == "click"
     first_click = ex.prompts.clicks[0]
@@ -188,7 +187,7 @@ def test_without_second_step_the_example_is_the_first_interaction():
     gt = np.zeros(SHAPE, dtype=bool)
     gt[6:18, 8:30, 8:30] = True
     imgs = (gt * 150 + 40).astype(np.uint8)
-    ex = simulate_example(_stub_predictor(2), imgs, gt, np.random.default_rng(1), p_box=1.0,
+    ex = simulate_example(_stub_model(2), imgs, gt, np.random.default_rng(1), p_box=1.0,
                           p_second=0.0)
     assert ex.click is None and ex.first_pred is None and not ex.prompts.clicks
     assert float(ex.x[1].abs().max()) == 0  # no previous mask
@@ -236,8 +235,8 @@ def test_zoomed_out_training_crop_is_the_autozoom_crop():
     gt = np.zeros(SHAPE, dtype=bool)
     gt[6:18, 8:30, 8:30] = True
     imgs = (gt * 150 + 40).astype(np.uint8)
-    pred = _stub_predictor(2)
-    pol, patch = pred.policy, pred.patch
+    pred = _stub_model(2)
+    pol, patch = pred.policy, pred.engine.patch
     ex = simulate_example(pred, imgs, gt, np.random.default_rng(1), p_box=1.0, p_second=0.0)
     # the box's extent (12, 22, 22) on the tiny patch (16, 32, 32): centre (11.5, 18.5, 18.5),
     # zoom max((12 + 16/3) / 16, (22 + 32/3) / 32) = 1.0833 (hand-computed)
@@ -257,22 +256,22 @@ def test_zoomed_out_training_crop_is_the_autozoom_crop():
     assert ex2.crop in (one, two)
 
 
-def test_examples_without_the_network_need_no_predictor():
+def test_examples_without_the_network_need_no_engine():
     """A first-interaction example is built from the card and policy alone (as the data-loader
     workers do); one with a second step asks for the network."""
     from train.simulate import ModelNeeded
     gt = np.zeros(SHAPE, dtype=bool)
     gt[6:18, 8:30, 8:30] = True
     imgs = (gt * 150 + 40).astype(np.uint8)
-    pred = _stub_predictor(2)
+    pred = _stub_model(2)
     with_net = simulate_example(pred, imgs, gt, np.random.default_rng(3), p_box=1.0, p_second=0.0)
-    without = simulate_example(None, imgs, gt, np.random.default_rng(3), p_box=1.0, p_second=0.0,
-                               card=pred.card, policy=pred.policy)
+    without = simulate_example(pred.without_network(), imgs, gt, np.random.default_rng(3), p_box=1.0,
+                               p_second=0.0)
     assert without.crop == with_net.crop
     assert torch.equal(without.x, with_net.x) and torch.equal(without.target, with_net.target)
     with pytest.raises(ModelNeeded):
-        simulate_example(None, imgs, gt, np.random.default_rng(3), p_box=1.0, p_second=1.0,
-                         card=pred.card, policy=pred.policy)
+        simulate_example(pred.without_network(), imgs, gt, np.random.default_rng(3), p_box=1.0,
+                         p_second=1.0)
 
 
 def test_refinement_example_uses_the_coarse_prediction_on_a_zoom_1_tile():
@@ -280,12 +279,12 @@ def test_refinement_example_uses_the_coarse_prediction_on_a_zoom_1_tile():
     gt = np.zeros(SHAPE, dtype=bool)
     gt[2:22, 4:44, 4:44] = True
     imgs = (gt * 150 + 40).astype(np.uint8)
-    pred = _stub_predictor(2)
+    pred = _stub_model(2)
     seen = 0
     for seed in range(6):
         ex = simulate_example(pred, imgs, gt, np.random.default_rng(seed), p_box=1.0,
                               p_second=0.0, p_refine=1.0)
-        assert first_view(pred.policy, ex.prompts, None, pred.patch)[1] > 1  # the first crop is zoomed out
+        assert first_view(pred.policy, ex.prompts, None, pred.engine.patch)[1] > 1  # the first crop is zoomed out
         assert ex.click is None and ex.first_pred is not None
         assert ex.crop.scale == (1.0, 1.0, 1.0)  # full resolution
         # the tile overlaps the coarse prediction's bounding box, inside it where it is longer

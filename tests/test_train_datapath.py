@@ -14,7 +14,7 @@ from infer.policy import parse_policy
 from scripts.synthetic import generate_case
 from train.configs import get_config
 from train.data import index_folder, load_case
-from train.simulate import ModelNeeded, crop_target, first_click, local_click, simulate_example
+from train.simulate import ModelNeeded, SimModel, crop_target, first_click, local_click, simulate_example
 
 
 def _masks():
@@ -60,7 +60,7 @@ def _card():
 
 
 def test_lazy_normalisation_gives_the_same_example_and_none_when_deferred(monkeypatch):
-    card, policy = _card(), parse_policy("project")
+    model = SimModel(_card(), parse_policy("project"))
     case = generate_case(np.random.default_rng(5), shape=(24, 48, 48))
     gt = case["gts"] == 1
     image = infer.predictor.normalize_image(case["imgs"], torch.device("cpu"))
@@ -70,16 +70,14 @@ def test_lazy_normalisation_gives_the_same_example_and_none_when_deferred(monkey
     finished = deferred = 0
     for seed in range(12):
         try:
-            lazy = simulate_example(None, case["imgs"], gt, np.random.default_rng(seed), card=card,
-                                    policy=policy)
+            lazy = simulate_example(model, case["imgs"], gt, np.random.default_rng(seed))
         except ModelNeeded:
             deferred += 1
             assert not calls, "a deferred example normalised the image"
             continue
         assert calls == [1]
         calls.clear()
-        given = simulate_example(None, case["imgs"], gt, np.random.default_rng(seed), image=image,
-                                 card=card, policy=policy)
+        given = simulate_example(model, case["imgs"], gt, np.random.default_rng(seed), image=image)
         finished += 1
         assert torch.equal(lazy.x, given.x) and torch.equal(lazy.target, given.target)
         assert lazy.first == given.first and lazy.crop == given.crop

@@ -50,8 +50,8 @@ def test_best_is_the_epoch_with_the_highest_validation_score(tmp_path, capsys):
 
     tr = _trainer(tmp_path, 4, keep=1)
 
-    def validate(predictor):
-        seen[tr.epoch] = {k: v.detach().clone() for k, v in predictor.network.state_dict().items()}
+    def validate(network, card, device, policy):
+        seen[tr.epoch] = {k: v.detach().clone() for k, v in network.state_dict().items()}
         return {"val_final_dsc": next(scores), "val_box_dsc": 0.0}
 
     tr.validate = validate
@@ -73,7 +73,7 @@ def test_best_is_the_epoch_with_the_highest_validation_score(tmp_path, capsys):
 
     # resumed with two more epochs: 0.65 does not beat the recorded 0.7, 0.9 does
     more = iter([0.65, 0.9])
-    tr2 = _trainer(tmp_path, 6, keep=1, validate=lambda p: {"val_final_dsc": next(more)})
+    tr2 = _trainer(tmp_path, 6, keep=1, validate=lambda *model: {"val_final_dsc": next(more)})
     assert tr2.resume() and tr2.epoch == 4
     tr2.fit()
     best = json.loads((tmp_path / "best" / "best.json").read_text())
@@ -83,7 +83,7 @@ def test_best_is_the_epoch_with_the_highest_validation_score(tmp_path, capsys):
 def test_best_metric_picks_another_number(tmp_path):
     vals = iter([(0.9, 0.1), (0.2, 0.8)])
 
-    def validate(predictor):
+    def validate(network, card, device, policy):
         final, box = next(vals)
         return {"val_final_dsc": final, "val_box_dsc": box}
 

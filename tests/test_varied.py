@@ -296,16 +296,15 @@ def test_training_examples_from_varied_cases():
     """train.simulate builds examples from these cases (organizer's box or first click, then a
     second, simulated click on the network's prediction) for every scenario."""
     import torch
-    from infer.predictor import Predictor
     from train import __main__ as cli
-    from train.simulate import simulate_example
+    from train.simulate import SimModel, simulate_example
     net, card = cli.build_model("scratch", "tiny", 0, "3d", True, "test")
-    predictor = Predictor(net.eval(), card, "cpu")
+    model = SimModel.of(net.eval(), card, torch.device("cpu"))
     for i in range(len(SMALL.scenarios)):
         c = make_case(i, 13, SMALL)
         gt = c["gts"] == len(c["kinds"])  # the last class (a lesion, core, lumen, ... if any)
         rng = np.random.default_rng(i)
-        ex = simulate_example(predictor, c["imgs"], gt, rng, p_box=0.5, p_second=1.0)
+        ex = simulate_example(model, c["imgs"], gt, rng, p_box=0.5, p_second=1.0)
         assert tuple(ex.x.shape[1:]) == tuple(card.patch_size) == tuple(ex.target.shape)
         assert torch.isfinite(ex.x).all() and set(torch.unique(ex.target).tolist()) <= {0.0, 1.0}
         if ex.first == "click":

@@ -15,12 +15,13 @@ process. ``set_epoch`` works with persistent workers because the epoch travels w
 
 :class:`ExampleSet` (in the workers) reads the case (``Case.load``: from memory, or from its npz
 file for a lazily indexed folder), normalises the image and tries the whole prompt simulation
-without a predictor (crops come from the trainer's model card and interaction policy,
-``infer.policy``): an example that never needs the network (no second step) comes back finished,
-as a patch-sized input and target. One that does raises ``train.simulate.ModelNeeded`` and comes
-back as the case's arrays; the main process then runs the simulation again from the slot's
-generator with the trainer's predictor on the training device, which gives exactly the example a
-direct run gives.
+without the network (``train.simulate.SimModel.without_network``: crops come from the trainer's
+model card and interaction policy, ``infer.policy``): an example that never needs the network
+(no second step) comes back finished, as a patch-sized input and target. One that does raises
+``train.simulate.ModelNeeded`` and comes back as the case's arrays; the main process then runs
+the simulation again from the slot's generator with the trainer's model (its engine on the
+network being trained, on the training device), which gives exactly the example a direct run
+gives.
 """
 from __future__ import annotations
 
@@ -31,10 +32,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from infer.predictor import Predictor, normalize_image
+from infer.predictor import normalize_image
 
 from .data import epoch_plan
-from .simulate import ModelNeeded
+from .simulate import ModelNeeded, SimModel
 
 
 def slot_rng(seed: int, epoch: int, slot: int) -> np.random.Generator:
@@ -64,17 +65,18 @@ def _as_list(items):
 class ExampleSet(Dataset):
     """Indexed by ``(epoch, slot)`` (see the module docstring).
 
-    ``simulate(predictor, imgs, gt, rng, image=...) -> Example``: the trainer's prompt simulation
-    (``train.simulate.simulate_example`` with its settings). ``predictor``: the trainer's, whose
-    model card and interaction policy the workers build network-free examples with. ``normalize``: normalise images
-    in the worker (True for CPU training; on a GPU the main process does it on the device).
+    ``simulate(model, imgs, gt, rng, image=...) -> Example``: the trainer's prompt simulation
+    (``train.simulate.simulate_example`` with its settings). ``model``: the trainer's
+    ``SimModel``; the workers build network-free examples with its card and interaction policy
+    alone. ``normalize``: normalise images in the worker (True for CPU training; on a GPU the
+    main process does it on the device).
     """
 
-    def __init__(self, cases, simulate: Callable, predictor: Predictor, seed: int, n_slots: int,
+    def __init__(self, cases, simulate: Callable, model: SimModel, seed: int, n_slots: int,
                  normalize: bool = True):
         self.cases, self.simulate = cases, simulate
         self.seed, self.n_slots, self.normalize = int(seed), int(n_slots), bool(normalize)
-        self.card, self.policy = predictor.card, predictor.policy
+        self.model = model.without_network()
         self._plan = (None, None)
 
     def __len__(self) -> int:
@@ -95,8 +97,8 @@ class ExampleSet(Dataset):
         # training); otherwise the simulation normalises it when it builds a finished example
         image = normalize_image(case.imgs, torch.device("cpu")) if self.normalize else None
         try:
-            ex = self.simulate(None, case.imgs, gt, slot_rng(self.seed, epoch, slot), image=image,
-                               card=self.card, policy=self.policy)
+            ex = self.simulate(self.model, case.imgs, gt, slot_rng(self.seed, epoch, slot),
+                               image=image)
         except ModelNeeded:
             return Item(epoch, slot, imgs=case.imgs, gt=gt, image=image)
         return Item(epoch, slot, x=ex.x, target=ex.target)
@@ -123,16 +125,16 @@ def make_loader(dataset: ExampleSet, batch_size: int, world_size: int = 1, rank:
                       pin_memory=pin_memory, prefetch_factor=2 if workers > 0 else None)
 
 
-def finish_batch(items: list, simulate: Callable, predictor: Predictor, seed: int,
+def finish_batch(items: list, simulate: Callable, model: SimModel, seed: int,
                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, target) of a batch on ``device``: finished items as they are, deferred ones simulated
-    here with ``predictor`` (the trainer's, on ``device``) from their slot's generator."""
+    here with ``model`` (the trainer's, its engine on ``device``) from their slot's generator."""
     xs, ts = [], []
     for it in items:
         if it.x is None:
             image = (it.image.to(device) if it.image is not None
                      else normalize_image(it.imgs, device))
-            ex = simulate(predictor, it.imgs, it.gt, slot_rng(seed, it.epoch, it.slot), image=image)
+            ex = simulate(model, it.imgs, it.gt, slot_rng(seed, it.epoch, it.slot), image=image)
             x, t = ex.x, ex.target
         else:
             x, t = it.x, it.target

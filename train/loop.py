@@ -4,9 +4,10 @@
 for epoch ``e`` draws from ``np.random.default_rng([seed, e])`` only, so a run resumed from the
 checkpoint of epoch ``e`` (network weights, optimizer and grad-scaler state, epoch counter) takes
 exactly the steps an uninterrupted run takes. An epoch interrupted half-way is redone from its
-start. After each epoch an optional ``validate(predictor) -> dict`` runs (the warm evaluation),
-its numbers go to ``OUT/log.jsonl`` with the epoch's mean loss; when its ``best_metric`` (higher
-is better) beats every earlier epoch's, the epoch's artifact is copied to ``OUT/best``
+start. After each epoch an optional ``validate(network, card, device, policy) -> dict`` runs (the
+warm evaluation of the network being trained, ``train.validate``); its numbers go to
+``OUT/log.jsonl`` with the epoch's mean loss; when its ``best_metric`` (higher is better) beats
+every earlier epoch's, the epoch's artifact is copied to ``OUT/best``
 (``train.checkpoint.save_best``). Only the newest ``keep`` epoch folders stay (<= 0: all).
 
 Distributed (``dist``: a ``train.distributed.DistContext`` of more than one process) or with
@@ -31,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from infer.card import ModelCard
-from infer.predictor import Predictor, normalize_image
+from infer.predictor import normalize_image
 
 from .checkpoint import (BEST, export_final, is_better, latest_checkpoint, load_checkpoint, read_best,
                          save_best, save_checkpoint)
@@ -39,7 +40,7 @@ from .data import Case, epoch_plan
 from .distributed import DistContext
 from .loader import ExampleSet, finish_batch, make_loader
 from .loss import dice_ce_loss
-from .simulate import simulate_example
+from .simulate import SimModel, simulate_example
 
 
 class Trainer:
@@ -49,7 +50,7 @@ class Trainer:
                  p_box: float = 0.5, p_second: float = 0.5, dice_weight: float = 10.0,
                  lr_schedule: str = "constant", device: Optional[str] = None,
                  amp: Optional[bool] = None,
-                 validate: Optional[Callable[[Predictor], dict]] = None, progress: bool = True,
+                 validate: Optional[Callable[..., dict]] = None, progress: bool = True,
                  keep: int = 2, sim_autozoom: bool = True, p_zoom_out: float = 0.0,
                  p_refine: float = 0.0, dist: Optional[DistContext] = None, workers: int = 0,
                  policy=None, best_metric: str = "val_final_dsc"):
@@ -75,12 +76,12 @@ class Trainer:
         self.workers = int(workers)
         self.loader = None  # built on first use (train.loader)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        # the predictor's own per-class path, sharing the network being trained, with the
+        # the network being trained as the prompt simulation drives it: an engine on it and the
         # interaction policy (``infer.policy``; None: the card's, else "project") whose crops the
         # examples are cut on; the no-grad first prediction of the second step may skip zooming
         # out (sim_autozoom=False) to save the extra forward passes an untrained network's
         # everywhere-positive output triggers
-        self.predictor = Predictor(self.network, card, self.device, policy=policy)
+        self.sim = SimModel.of(self.network, card, self.device, policy)
         self.sim_autozoom = bool(sim_autozoom)
         self.p_zoom_out = float(p_zoom_out)
         self.p_refine = float(p_refine)
@@ -88,7 +89,6 @@ class Trainer:
         self.simulate = functools.partial(simulate_example, p_box=self.p_box, p_second=self.p_second,
                                           autozoom=self.sim_autozoom, p_zoom_out=self.p_zoom_out,
                                           p_refine=self.p_refine)
-        self.network.train()
         self.epoch = 0   # completed epochs
         self.step = 0    # optimizer steps taken
         self.after_step: Optional[Callable[[int, int], None]] = None  # hook (epoch, step_in_epoch)
@@ -106,7 +106,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.card = card
-        self.predictor.card = card
+        self.sim = SimModel.of(self.network, card, self.device, self.sim.policy)
         return True
 
     # ------------------------------------------------------------------ one batch
@@ -116,7 +116,7 @@ class Trainer:
             case = self.cases[ci]
             gt = case.gts == label
             image = normalize_image(case.imgs, self.device)
-            ex = self.simulate(self.predictor, case.imgs, gt, rng, image=image)
+            ex = self.simulate(self.sim, case.imgs, gt, rng, image=image)
             xs.append(ex.x)
             ts.append(ex.target)
         return torch.stack(xs), torch.stack(ts)
@@ -132,14 +132,14 @@ class Trainer:
         """This rank's batches of epoch ``e`` through ``train.loader`` (one generator per slot)."""
         if self.loader is None:
             n_slots = self.steps_per_epoch * self.batch_size * self.dist.world_size
-            examples = ExampleSet(self.cases, self.simulate, self.predictor, self.seed, n_slots,
+            examples = ExampleSet(self.cases, self.simulate, self.sim, self.seed, n_slots,
                                   normalize=self.device.type == "cpu")
             self.loader = make_loader(examples, self.batch_size, self.dist.world_size,
                                       self.dist.rank, self.workers,
                                       pin_memory=self.device.type == "cuda")
         self.loader.sampler.set_epoch(e)
         for items in self.loader:
-            yield finish_batch(items, self.simulate, self.predictor, self.seed, self.device)
+            yield finish_batch(items, self.simulate, self.sim, self.seed, self.device)
 
     def train_step(self, x: torch.Tensor, target: torch.Tensor) -> float:
         """One optimizer step on this rank's batch; returns the loss of the global batch (the
@@ -206,9 +206,7 @@ class Trainer:
             best_line = None
             if self.validate is not None:
                 t1 = time.time()
-                self.network.eval()
-                record.update(self.validate(self.predictor))
-                self.network.train()
+                record.update(self.validate(self.network, self.card, self.device, self.sim.policy))
                 record["val_s"] = round(time.time() - t1, 1)
                 value = record.get(self.best_metric)
                 best = read_best(self.out)

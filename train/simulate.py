@@ -7,8 +7,9 @@ One training example for one class of one case, built exactly as inference sees 
    prediction (``evaluation.clicks.next_click`` against an all-zero mask: the centre of the largest
    ground-truth component, always a foreground click).
 2. With probability ``p_second``, a second step: the network is run without gradients through the
-   inference's own per-class loop (``infer.interaction.run_class`` on the predictor's engine:
-   crop choice, zooming out, resampling back into the volume, as its policy decides), the organizer's click is placed on
+   inference's own per-class loop (``infer.interaction.whole_volume_mask`` -> ``run_class`` on
+   an engine built on the network being trained: crop choice, zooming out, resampling back into
+   the volume, as the interaction policy decides), the organizer's click is placed on
    that prediction (``evaluation.clicks.next_click``: largest 26-connected error component,
    maximum-EDT voxel, fg/bg by the truth), and the previous-mask and click channels are updated
    (prompts rebuilt with ``infer.prompts.class_prompts`` from a case dict in the harness's form).
@@ -16,14 +17,14 @@ One training example for one class of one case, built exactly as inference sees 
    on the first interaction with an empty previous mask, which is what the box stage and the
    first click of a no-box case feed the model.
 3. The example is the network input for the final prompts on the crop the interaction policy
-   chooses (``infer.interaction.first_view``, the predictor's own rule; with probability ``p_zoom_out`` the crop reached after
+   chooses (``infer.interaction.first_view``, inference's own rule; with probability ``p_zoom_out`` the crop reached after
    one or two zoom-out steps, ``infer.policy.view_crop``), and the ground truth resampled onto
    that crop. Refinement examples (``p_refine``) take a zoom-1 tile drawn by
    ``infer.policy.sample_tile`` over the coarse prediction.
 
 The crop decisions come from ``infer.policy`` alone, so examples that need no network (no second
-step) are built without a predictor (``predictor=None`` with ``card`` and ``policy``); one that
-needs the network then raises :class:`ModelNeeded`. Crops are taken in the whole volume (the
+step) are built from a :class:`SimModel` without an engine (its card and policy); one that needs
+the network then raises :class:`ModelNeeded`. Crops are taken in the whole volume (the
 policy's ``crop_nonzero`` is not applied here). Everything is in (z, y, x) voxel order of ``imgs``.
 """
 from __future__ import annotations
@@ -36,14 +37,11 @@ import torch
 
 from evaluation.boxes import box_for_mask
 from evaluation.clicks import Click, ClickState, next_click
-from infer.budget import Budget
 from infer.card import ModelCard
-from infer.engine import network_input
-from infer.frame import Frame
+from infer.engine import Engine, network_input
 from infer.geometry import Crop, crop_to_patch
-from infer.interaction import ClassInput, first_view, run_class
-from infer.policy import Policy, sample_tile, view_crop
-from infer.predictor import Predictor
+from infer.interaction import ClassInput, first_view, whole_volume_mask
+from infer.policy import Policy, mirror_flips, parse_policy, sample_tile, view_crop
 from infer.prompts import ClassPrompts, class_prompts
 
 
@@ -64,7 +62,51 @@ class Example:
 
 
 class ModelNeeded(Exception):
-    """The example needs a network prediction and no predictor was given."""
+    """The example needs a network prediction and the model has no network."""
+
+
+@dataclass(frozen=True)
+class SimModel:
+    """What the prompt simulation needs of a model: its ``card``, the interaction ``policy``
+    (``infer.policy``) whose decisions the examples follow and, for the examples that need a
+    prediction (second step, refinement tiles), an ``engine`` (``infer.engine.Engine``) on the
+    network. Without one (:meth:`without_network`, what data-loader workers get) such an example
+    raises :class:`ModelNeeded`."""
+
+    card: ModelCard
+    policy: Policy
+    engine: Optional[Engine] = None
+
+    @classmethod
+    def of(cls, network: Optional[torch.nn.Module], card: ModelCard, device: torch.device,
+           policy: Optional[str | Policy] = None) -> "SimModel":
+        """The model of ``network`` (on ``device``; its train/eval mode is left as it is: its
+        layers compute the same in both; None: no engine) with ``policy``: a preset name, a spec
+        or a ``Policy``; None: the card's, else "project" (``infer.policy.parse_policy``)."""
+        pol = parse_policy(policy if policy is not None else getattr(card, "policy", None))
+        if network is None:
+            return cls(card, pol)
+        return cls(card, pol, Engine(network, card, device, mirror_flips(pol)))
+
+    def without_network(self) -> "SimModel":
+        """The same card and policy without the engine (picklable, for data-loader workers)."""
+        return SimModel(self.card, self.policy)
+
+    @property
+    def device(self) -> torch.device:
+        """The engine's device (the CPU without one)."""
+        return self.engine.device if self.engine is not None else torch.device("cpu")
+
+    def predict(self, image: torch.Tensor, prompts: ClassPrompts, autozoom: bool = True) -> np.ndarray:
+        """The binary prediction of one class with no previous mask over the whole volume,
+        (D, H, W) bool, without gradients (``infer.interaction.whole_volume_mask``);
+        ``autozoom=False``: the policy without zooming out and without refinement (the first crop
+        only). Raises :class:`ModelNeeded` without an engine, before it reads ``image``."""
+        if self.engine is None:
+            raise ModelNeeded
+        policy = self.policy if autozoom else self.policy.replace(zoom_out="none", refine="none")
+        with torch.no_grad():
+            return whole_volume_mask(self.engine, policy, ClassInput(image, prompts))
 
 
 def make_input(card: ModelCard, image: torch.Tensor, prompts: ClassPrompts,
@@ -76,8 +118,8 @@ def make_input(card: ModelCard, image: torch.Tensor, prompts: ClassPrompts,
 
 def training_crop(policy: Policy, patch, prompts: ClassPrompts, prev_k: Optional[torch.Tensor],
                   zoom_steps: int = 0) -> Crop:
-    """The predictor's first crop, or (``zoom_steps`` > 0) the crop it reaches after that many
-    zoom-out steps (``infer.policy.view_crop``)."""
+    """The policy's first crop, or (``zoom_steps`` > 0) the crop its autozoom reaches after that
+    many zoom-out steps (``infer.policy.view_crop``)."""
     center, zoom = first_view(policy, prompts, prev_k, patch)
     return view_crop(policy, center, zoom, patch, zoom_steps)
 
@@ -150,48 +192,27 @@ def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickSta
     return case
 
 
-def predict_volume(predictor: Optional[Predictor], image: torch.Tensor, prompts: ClassPrompts,
-                   prev_k: Optional[torch.Tensor], autozoom: bool = True) -> np.ndarray:
-    """The predictor's binary prediction of one class over the whole volume, (D, H, W) bool
-    (``autozoom=False``: its policy without zooming out and without refinement: the first crop
-    only). Raises :class:`ModelNeeded` without a predictor."""
-    if predictor is None:
-        raise ModelNeeded
-    policy = predictor.policy if autozoom else predictor.policy.replace(zoom_out="none", refine="none")
-    # the network's mode is left alone: its layers (convolutions, instance norm without running
-    # statistics, LeakyReLU) compute the same in train and eval mode
-    with torch.no_grad():
-        region = run_class(predictor.engine, policy, ClassInput(image, prompts, prev_k), Budget(),
-                           Frame.whole(image.shape))
-    if region is None:
-        return np.zeros(tuple(image.shape), dtype=bool)
-    return region.binary(prev_k, image.shape)
-
-
-def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.ndarray,
-                     rng: np.random.Generator, p_box: float = 0.5, p_second: float = 0.5,
-                     image: Optional[torch.Tensor] = None, autozoom: bool = True,
-                     p_zoom_out: float = 0.0, p_refine: float = 0.0,
-                     card: Optional[ModelCard] = None, policy: Optional[Policy] = None) -> Example:
+def simulate_example(model: SimModel, imgs: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
+                     p_box: float = 0.5, p_second: float = 0.5, image: Optional[torch.Tensor] = None,
+                     autozoom: bool = True, p_zoom_out: float = 0.0, p_refine: float = 0.0) -> Example:
     """One training example for the binary object ``gt`` ((D, H, W) bool, non-empty) of ``imgs``.
 
-    ``predictor``: runs the network for the second step and refinement examples; None: build the
-    example without a network (``card`` and ``policy`` given) or raise :class:`ModelNeeded`.
+    ``model``: the card and interaction policy the example follows, and the engine that runs the
+    network for the second step and refinement examples (without one, such an example raises
+    :class:`ModelNeeded`).
 
     ``image``: ``infer.predictor.normalize_image(imgs)`` when the caller already has it (else it
     is computed on first use, so an example that raises :class:`ModelNeeded` never pays for it).
-    ``autozoom``: let the no-grad first prediction zoom out as the predictor does (default).
-    ``p_zoom_out``: probability that the trained-on crop is the one the predictor's autozoom
+    ``autozoom``: let the no-grad first prediction zoom out as the policy says (default).
+    ``p_zoom_out``: probability that the trained-on crop is the one the policy's autozoom
     reaches after one or two x1.5 steps (equally likely) instead of its first crop, so that the
     network also learns the zoomed-out views autozoom feeds it at inference.
     Random draws, in this order: box or click (``p_box``), box jitter (box only), second step
     (``p_second``), zoom-out (``p_zoom_out``, then the number of steps).
     """
-    card = card if card is not None else predictor.card
-    policy = policy if policy is not None else predictor.policy
+    card, policy = model.card, model.policy
     patch = tuple(int(p) for p in card.patch_size)
-    dev = image.device if image is not None else (
-        predictor.device if predictor is not None else torch.device("cpu"))
+    dev = image.device if image is not None else model.device
 
     def the_image() -> torch.Tensor:
         nonlocal image
@@ -213,16 +234,15 @@ def simulate_example(predictor: Optional[Predictor], imgs: np.ndarray, gt: np.nd
     if p_second <= u < p_second + p_refine:
         _, zoom = first_view(policy, prompts, None, patch)
         if zoom > 1 + 1e-6:
-            # without a predictor predict_volume raises ModelNeeded before it reads the image
-            pred = predict_volume(predictor, the_image() if predictor is not None else None,
-                                  prompts, None, autozoom=False)
+            # without a network predict raises ModelNeeded before it reads the image
+            pred = model.predict(the_image() if model.engine is not None else None, prompts,
+                                 autozoom=False)
             if pred.any():
                 crop = refine_tile(policy, pred, patch, rng)
                 prev_k = torch.from_numpy(pred).to(dev)
                 first_pred = pred
     if u < p_second:
-        pred = predict_volume(predictor, the_image() if predictor is not None else None,
-                              prompts, None, autozoom)
+        pred = model.predict(the_image() if model.engine is not None else None, prompts, autozoom)
         click = local_click(pred, gt)
         if click is not None:
             first_pred = pred

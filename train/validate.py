@@ -2,7 +2,8 @@
 
 Held-out cases in the validation layout (``DIR/images/*.npz`` with ``imgs``, ``spacing``, optional
 ``boxes``; ``DIR/gts/*.npz`` with ``gts``) are run through ``evaluate_case`` with a
-``WarmRunner`` wrapping the predictor being trained: box stage (when the case has boxes), then
+``WarmRunner`` wrapping a predictor (``infer.predictor.Predictor``, built through its public
+constructor) on the network being trained: box stage (when the case has boxes), then
 ``n_clicks`` click stages placed by ``evaluation.clicks``, each scored by ``evaluation.metrics``.
 A ``log`` callable gets one line per case as it finishes (its stages' DSC and seconds).
 """
@@ -19,6 +20,7 @@ import numpy as np
 
 from evaluation.report import kind_means
 from evaluation.runner import WarmRunner, evaluate_case
+from infer.predictor import Predictor
 
 
 def val_pairs(folder, limit: Optional[int] = None) -> list[tuple[Path, Path]]:
@@ -80,11 +82,13 @@ def evaluate(predict: Callable, pairs, n_clicks: int = 5, workdir=None,
 
 def make_validator(folder, limit: Optional[int] = None, n_clicks: int = 5,
                    log: Optional[Callable[[str], None]] = None) -> Callable:
-    """``validate(predictor) -> dict`` for ``Trainer``: the summary of :func:`evaluate`
-    (``log``: one line per case)."""
+    """``validate(network, card, device, policy) -> dict`` for ``Trainer``: the summary of
+    :func:`evaluate` of a ``Predictor(network, card, device, policy=policy)`` (``log``: one line
+    per case). The predictor puts the network in eval mode; training steps put it back."""
     pairs = val_pairs(folder, limit)
 
-    def validate(predictor) -> dict:
+    def validate(network, card, device, policy) -> dict:
+        predictor = Predictor(network, card, device, policy=policy)
         summary = evaluate(predictor.predict, pairs, n_clicks=n_clicks, log=log)
         summary.pop("results")
         return {f"val_{k}": v for k, v in summary.items()}
