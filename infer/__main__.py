@@ -209,10 +209,11 @@ def _settings_ok(args: argparse.Namespace) -> bool:
 
 
 def _case_names(folder: str) -> list:
-    """The ``.npz`` names in ``folder``, sorted; its other files are named in one warning."""
+    """The ``.npz`` names in ``folder`` (any case: ``CASE.NPZ`` is a case too, its output keeps
+    its name), sorted; its other files are named in one warning."""
     entries = sorted(os.listdir(folder))
-    names = [n for n in entries if n.endswith(".npz")]
-    skipped = [n for n in entries if not n.endswith(".npz") and os.path.isfile(os.path.join(folder, n))]
+    names = [n for n in entries if n.lower().endswith(".npz")]
+    skipped = [n for n in entries if not n.lower().endswith(".npz") and os.path.isfile(os.path.join(folder, n))]
     if skipped:
         log.warning(_skipped_line(skipped))
     return names

@@ -173,6 +173,13 @@ def test_infer_names_the_files_it_skips_in_one_line(tmp_path, caplog):
     assert "python -m scripts.nifti to-case" in lines[0]
 
 
+def test_an_upper_case_npz_name_is_a_case_and_keeps_its_name(tmp_path):
+    from infer.__main__ import _case_names
+    for n in ("CASE.NPZ", "b.Npz", "c.npz", "d.npz.txt"):
+        (tmp_path / n).write_bytes(b"x")
+    assert _case_names(str(tmp_path)) == ["CASE.NPZ", "b.Npz", "c.npz"]
+
+
 def test_skipped_line_without_nifti_has_no_conversion_hint_and_stays_short():
     from infer.__main__ import _skipped_line
     line = _skipped_line([f"f{i}.txt" for i in range(8)])
