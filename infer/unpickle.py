@@ -3,8 +3,12 @@
 
 :func:`safe_unpickle_loads` admits only dict, list, tuple, str, int, float, bool, None and
 numpy's array / dtype / scalar reconstructors; any other global is refused by name and nothing
-runs. The items a pickle may expand to are bounded (memo reuse counted by its full size).
+runs. The work a pickle may make is bounded: every opcode run is charged one item and every
+reuse of a memoised object its full size, against ``max_items`` (MAX_PICKLE_ITEMS: 1000 classes
+with a box and 6 clicks each, the largest prompt set budgeted for, take at most 182 k opcodes as
+``np.save`` pickles them; docs/HARDENING.md).
 """
+import gc
 import io
 import pickle
 from types import NoneType
@@ -13,7 +17,7 @@ import numpy as np
 
 from .errors import CaseError, exc_text, show
 
-MAX_PICKLE_ITEMS = 10_000_000
+MAX_PICKLE_ITEMS = 1_000_000
 
 
 def _latin1_encode(text, encoding="latin1"):
@@ -96,10 +100,11 @@ class _RestrictedUnpickler(pickle._Unpickler):
     """Pure-Python unpickler (so BUILD can be checked) that resolves only the globals ``np.save``
     of dicts / lists / str / int / float / None / numpy arrays and scalars produces.
 
-    Bounded: without reuse every item costs at least one byte of the (size-limited) stream; each
-    reuse of a memoised object (GET) or of the top of the stack (DUP) is charged its full
-    :func:`_weight` against ``max_items``, so a small pickle cannot expand to an unbounded
-    structure (which hashing or formatting it would then walk)."""
+    Bounded: every opcode is charged one item against ``max_items`` (so a stream of cheap
+    one-byte opcodes stops after ``max_items`` of them, whatever the byte limit); each reuse of
+    a memoised object (GET) or of the top of the stack (DUP) is charged its full :func:`_weight`
+    besides, so a small pickle cannot expand to an unbounded structure (which hashing or
+    formatting it would then walk)."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
 
@@ -107,6 +112,10 @@ class _RestrictedUnpickler(pickle._Unpickler):
         super().__init__(file)
         self.max_items = int(max_items)
         self.items_left = int(max_items)
+
+    def _refuse(self):
+        raise CaseError(f"refused pickle: expands to more than {self.max_items} items "
+                        f"(opcodes run and memoised objects reused)")
 
     def _charge(self):
         obj = self.stack[-1]
@@ -118,8 +127,7 @@ class _RestrictedUnpickler(pickle._Unpickler):
         else:
             self.items_left -= _weight(obj, self.items_left)
         if self.items_left < 0:
-            raise CaseError(f"refused pickle: expands to more than {self.max_items} items "
-                            f"(memoised objects reused)")
+            self._refuse()
 
     def _reuse(op):  # noqa: N805 (a decorator used in the class body)
         base = pickle._Unpickler.dispatch[op[0]]
@@ -154,6 +162,18 @@ class _RestrictedUnpickler(pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    def _counted(base):  # noqa: N805 (a decorator used in the class body)
+        def load(self):
+            self.items_left -= 1
+            if self.items_left < 0:
+                self._refuse()
+            base(self)
+        return load
+
+    for _code, _load in list(dispatch.items()):
+        dispatch[_code] = _counted(_load)
+    del _code, _load, _counted
+
 
 def safe_unpickle_loads(data: bytes, max_items: int = MAX_PICKLE_ITEMS):
     """``pickle.loads`` restricted to plain Python containers and numpy arrays / scalars.
@@ -161,6 +181,8 @@ def safe_unpickle_loads(data: bytes, max_items: int = MAX_PICKLE_ITEMS):
     Raises CaseError("refused pickle global module.name") for any other global (nothing runs),
     and CaseError when the pickle would expand to more than ``max_items`` items.
     """
+    collecting = gc.isenabled()
+    gc.disable()  # up to max_items new containers: collections while they pile up tripled the time
     try:
         return _RestrictedUnpickler(io.BytesIO(data), max_items).load()
     except CaseError:
@@ -169,3 +191,6 @@ def safe_unpickle_loads(data: bytes, max_items: int = MAX_PICKLE_ITEMS):
         raise CaseError("bad pickle (nested too deeply)") from None
     except Exception as exc:  # truncated or malformed pickle stream
         raise CaseError(f"bad pickle ({type(exc).__name__}: {exc_text(exc)})") from None
+    finally:
+        if collecting:
+            gc.enable()

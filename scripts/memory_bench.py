@@ -8,7 +8,12 @@ Target: under 8 GB (the container has 32 GB). The tiny model keeps network memor
 the figure is what the volume-sized arrays (image, normalised image, merge volumes, previous
 mask, output) cost; a real 192^3 model adds its weights and, on CPU, its activations.
 
+``--dtype`` stores ``imgs`` as another dtype (the uint8 values cast), ``--prev-dtype`` the click
+stage's ``prev_pred``: the coefficients of the byte model in ``infer/limits.py`` come from runs
+over these (docs/HARDENING.md). Each line also gives the peak in bytes per voxel.
+
     .venv/bin/python scripts/memory_bench.py [--shape 300 512 512] [--classes 10] [--device cpu]
+        [--dtype uint8] [--prev-dtype uint8] [--stages box click]
 """
 from __future__ import annotations
 
@@ -40,6 +45,17 @@ def run(inputs: Path, outputs: Path, weights: Path, device: str, seconds_per_cla
     return usage.ru_maxrss * 1024, time.monotonic() - t0, proc.returncode, stderr  # Linux: KiB
 
 
+def recast(path: Path, dtype: str, prev_dtype: str) -> None:
+    """Rewrite the case at ``path`` with ``imgs`` as ``dtype`` and ``prev_pred`` (if any) as
+    ``prev_dtype``; the other members as they were."""
+    with np.load(path, allow_pickle=True) as z:
+        members = {k: z[k] for k in z.files}
+    members["imgs"] = members["imgs"].astype(dtype)
+    if "prev_pred" in members:
+        members["prev_pred"] = members["prev_pred"].astype(prev_dtype)
+    np.savez(path, **members)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="scripts/memory_bench.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -51,6 +67,8 @@ def main(argv=None) -> int:
                    help="which stages to measure")
     p.add_argument("--seconds-per-class", type=float, default=1000.0,
                    help="large by default: measure the full work, not what the time budget lets through")
+    p.add_argument("--dtype", default="uint8", help="dtype of imgs (uint8, int16, float32, float64, ...)")
+    p.add_argument("--prev-dtype", default="uint8", help="dtype of prev_pred in the click stage")
     p.add_argument("--limit-gb", type=float, default=8.0, help="peak RSS above this fails (exit 1)")
     args = p.parse_args(argv)
 
@@ -64,6 +82,8 @@ def main(argv=None) -> int:
             inputs, outputs = tmp / f"in_{stage}", tmp / f"out_{stage}"
             inputs.mkdir()
             make_case(inputs / "case.npz", shape, args.classes, stage)
+            if (args.dtype, args.prev_dtype) != ("uint8", "uint8"):
+                recast(inputs / "case.npz", args.dtype, args.prev_dtype)
             peak, wall, rc, stderr = run(inputs, outputs, weights, args.device, args.seconds_per_class)
             with np.load(outputs / "case.npz") as z:
                 segs = z["segs"]
@@ -71,8 +91,11 @@ def main(argv=None) -> int:
             summary = [l for l in stderr.splitlines() if l.startswith("infer: case.npz: ")]
             gb = peak / 1e9
             ok &= rc == 0 and good and gb < args.limit_gb
-            print(f"{stage} stage: shape {'x'.join(map(str, shape))}, K={args.classes}: peak RSS {gb:.2f} GB "
-                  f"(image alone {np.prod(shape) / 1e9:.2f} GB), {wall:.1f} s, exit {rc}, output ok {good}")
+            prev = f", prev_pred {args.prev_dtype}" if stage == "click" else ""
+            print(f"{stage} stage: shape {'x'.join(map(str, shape))}, imgs {args.dtype}{prev}, K={args.classes}: "
+                  f"peak RSS {gb:.2f} GB = {peak / np.prod(shape):.1f} B/voxel ({peak} B; image alone "
+                  f"{np.prod(shape) * np.dtype(args.dtype).itemsize / 1e9:.2f} GB), {wall:.1f} s, exit {rc}, "
+                  f"output ok {good}")
             for line in summary[-3:]:
                 print("   ", line)
     print(f"{'PASS' if ok else 'FAIL'}: limit {args.limit_gb} GB")

@@ -211,9 +211,10 @@ def npz_declaring(path, shape, dtype=np.uint8, data=b"", compress=False):
 
 
 def test_declared_size_over_the_memory_limit_is_refused_before_reading(tmp_path, weights):
-    """Guard: imgs is checked against Limits.max_voxels from its header. A 1 kB file declaring
-    2e9 voxels gets no 2 GB output; a deflate bomb (64 M zero voxels in 65 kB) is refused under a
-    small --memory-gb before a byte is decompressed; a sane shape still gets its zeros."""
+    """Guard: imgs is checked against the byte model (infer.limits) from its header. A 1 kB file
+    declaring 2e9 voxels gets no 2 GB output; a deflate bomb (64 M zero voxels in 65 kB) is
+    refused under a small --memory-gb before a byte is decompressed; a sane shape still gets its
+    zeros."""
     inp = tmp_path / "in"
     inp.mkdir()
     npz_declaring(inp / "a_declares_2e9.npz", (2000, 1000, 1000), data=b"\0" * 500)
@@ -221,8 +222,8 @@ def test_declared_size_over_the_memory_limit_is_refused_before_reading(tmp_path,
     np.savez_compressed(inp / "b_bomb.npz", imgs=np.zeros((64, 1024, 1024), np.uint8))
     assert (inp / "b_bomb.npz").stat().st_size < 200_000
     npz_declaring(inp / "c_short_but_sane.npz", (4, 5, 6), data=b"\0" * 10)
-    limits = Limits.for_memory(0.5)  # 16.7 M voxels
-    assert limits.max_voxels == int(0.5 * 2**30) // infer.limits.BYTES_PER_VOXEL
+    limits = Limits.for_memory(0.5)  # 23.9 M uint8 voxels without prev_pred
+    assert limits.max_bytes == 2**29 and limits.max_voxels == int(2**29 // infer.limits.bytes_per_voxel(1))
     read = []
     real_read = zipfile.ZipExtFile.read
 
@@ -233,21 +234,21 @@ def test_declared_size_over_the_memory_limit_is_refused_before_reading(tmp_path,
 
     zipfile.ZipExtFile.read = counting_read
     try:
-        with pytest.raises(CaseError, match="exceeds the memory limit"):
+        with pytest.raises(CaseError, match=r"needs about 1.41 GB for 64x1024x1024 uint8 imgs \(limit 0.5 GB"):
             read_case(inp / "b_bomb.npz", limits=limits)
     finally:
         zipfile.ZipExtFile.read = real_read
     assert sum(read) < 1024  # the npy header only
     assert imgs_shape(inp / "b_bomb.npz", limits) is None and imgs_shape(inp / "b_bomb.npz") == (64, 1024, 1024)
-    with pytest.raises(CaseError, match="exceeds the memory limit"):
-        read_case(inp / "a_declares_2e9.npz")  # the default limit (28 GB / 32 B per voxel)
+    with pytest.raises(CaseError, match=r"needs about 41.9 GB .*\(limit 28 GB, --memory-gb\)"):
+        read_case(inp / "a_declares_2e9.npz")  # the default limit (28 GB; 22.5 B per uint8 voxel)
     rc, messages = run(inp, tmp_path / "out", weights, "--memory-gb", "0.5")
     assert rc == 4  # the refused case fell back
     assert sorted(os.listdir(tmp_path / "out")) == ["c_short_but_sane.npz"]
     assert segs_of(tmp_path / "out" / "c_short_but_sane.npz").shape == (4, 5, 6)
     assert summary(messages, "a_declares_2e9.npz").startswith("a_declares_2e9.npz: no output")
     assert summary(messages, "b_bomb.npz").startswith("b_bomb.npz: no output")
-    assert any(m.startswith("b_bomb.npz: CaseError") and "exceeds the memory limit" in m for m in messages)
+    assert any(m.startswith("b_bomb.npz: CaseError") and "refused from its header" in m for m in messages)
 
 
 def test_object_members_are_read_with_a_byte_limit(tmp_path):
