@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("infer")
 
-from .limits import BYTES_PER_VOXEL, DEFAULT_MEMORY_GB  # noqa: E402 (no numpy: --help needs none)
+from .limits import DEFAULT_MEMORY_GB, FIXED, PER_IMGS_BYTE  # noqa: E402 (no numpy: --help needs none)
 
 
 _EPILOG = """\
@@ -106,8 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="taken off each stage's budget for what happens outside the predictor: container "
                         "and interpreter start before this process counts, writing, exit")
     p.add_argument("--memory-gb", default=env("INFER_MEMORY_GB", str(float(DEFAULT_MEMORY_GB))),
-                   help=f"host memory the run may use; images above memory / {BYTES_PER_VOXEL} bytes "
-                        "per voxel are refused from their header (the harness's container has 32 GB)")
+                   help="host memory the run may use (GB of 2^30 bytes); a case whose modelled peak "
+                        f"(infer/limits.py: bytes per voxel from the dtypes of imgs and prev_pred, "
+                        f"{FIXED + PER_IMGS_BYTE:g} for a uint8 image) exceeds it is refused from its "
+                        "headers (the harness's container has 32 GB)")
     p.add_argument("--no-autozoom", action="store_true", help="never zoom out and predict again")
     p.add_argument("--no-refine", action="store_true",
                    help="keep zoomed-out predictions as they are (no full-resolution refinement patches)")
@@ -187,6 +189,19 @@ def _skipped_line(skipped) -> str:
         line += ("; NIfTI scans become cases with: python -m scripts.nifti to-case --scan FILE "
                  "[--labels SEG] --out DIR (from the repository, outside the image)")
     return line
+
+
+def _no_output_reason(src: str, limits) -> str:
+    """Why a case gets no output at all: its image is over the memory limit (then even an
+    all-zero output of its shape is refused), or not even its image shape is readable."""
+    import dataclasses
+    from .npz import imgs_shape
+    shape = imgs_shape(src, dataclasses.replace(limits, max_bytes=2**62))
+    if shape is None:
+        return "not even a usable image shape is readable"
+    return (f"its image ({'x'.join(map(str, shape))}) is over the memory limit "
+            f"({limits.max_bytes / 2**30:g} GB, --memory-gb): not even an all-zero output of its "
+            "shape is written")
 
 
 def _device(name):
@@ -301,7 +316,7 @@ class _CaseLoop:
         segs, k, how, note = self.segment(name, src, label, self.start if first else t_case)
         if segs is None:
             self.failed.add(name)
-            log.error("%s: no output: not even a usable image shape is readable", label)
+            log.error("%s: no output: %s", label, _no_output_reason(src, self.limits))
             return
         try:
             write_segs(dst, segs)

@@ -248,6 +248,11 @@ def test_declared_size_over_the_memory_limit_is_refused_before_reading(tmp_path,
     assert segs_of(tmp_path / "out" / "c_short_but_sane.npz").shape == (4, 5, 6)
     assert summary(messages, "a_declares_2e9.npz").startswith("a_declares_2e9.npz: no output")
     assert summary(messages, "b_bomb.npz").startswith("b_bomb.npz: no output")
+    # the no-output line says why: the image is over the memory limit, not unreadable
+    assert summary(messages, "b_bomb.npz") == (
+        "b_bomb.npz: no output: its image (64x1024x1024) is over the memory limit (0.5 GB, "
+        "--memory-gb): not even an all-zero output of its shape is written")
+    assert "not even a usable image shape" not in summary(messages, "a_declares_2e9.npz")
     assert any(m.startswith("b_bomb.npz: CaseError") and "refused from its header" in m for m in messages)
 
 
