@@ -341,3 +341,45 @@ def test_object_members_are_limited_to_the_largest_real_prompt_set(tmp_path, byt
              clicks_order=objects([["fg", "bg"] * 3] * 1000))
     case = read_case(tmp_path / "k1000.npz")
     assert len(case["clicks"]) == len(case["boxes"]) == 1000 and len(case["clicks"][999]["bg"]) == 3
+
+
+def test_time_spent_reading_a_case_is_charged_to_its_budget(tmp_path):
+    """Reading and parsing count against the case's time budget (``--seconds-per-class`` x K from
+    just before the case is read; the first case from process start): a case whose reading takes
+    30 s of a 20 s budget runs no class and says so (exit status 4, its classes kept their
+    previous masks), and the next case, read quickly, is segmented."""
+    import infer.npz
+    from tests.test_hostile import BOXES, image, objects, run
+    from tests.tinymodel import make_artifact
+
+    class Clock:
+        t = 0.0
+
+        def __call__(self):
+            return self.t
+
+    clock = Clock()
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for name in ("a_slow.npz", "b_quick.npz"):
+        np.savez(inp / name, imgs=image(), boxes=objects(BOXES[:2]))
+    real = infer.npz.read_case
+
+    def slow_read(path, *a, **kw):
+        if str(path).endswith("a_slow.npz"):
+            clock.t += 30.0  # a slow disk or a costly parse, on the budget's clock
+        return real(path, *a, **kw)
+
+    weights = make_artifact(tmp_path / "model")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(infer.npz, "read_case", slow_read)
+    try:
+        rc, messages = run(inp, tmp_path / "out", weights, "--seconds-per-class", "10",
+                           "--reserve-seconds", "0", clock=clock)
+    finally:
+        mp.undo()
+    assert rc == 4
+    slow = [m for m in messages if m.startswith("a_slow.npz: segmented")]
+    assert slow and slow[0].endswith("2 of 2 class(es) kept their previous mask (see above)")
+    quick = [m for m in messages if m.startswith("b_quick.npz: segmented")]
+    assert quick and "kept their previous mask" not in quick[0]
