@@ -181,6 +181,12 @@ def parse_policy(spec) -> Policy:
     return PRESETS[base].replace(name=",".join([base] + overrides), **kw)
 
 
+def policy_for(card, policy=None) -> Policy:
+    """The interaction policy a model runs with: ``policy`` (a preset name, a spec or a
+    ``Policy``) when given, else its card's ``policy`` field, else the default preset."""
+    return parse_policy(policy if policy is not None else getattr(card, "policy", None))
+
+
 # the predictor's keyword overrides: flags that switch a knob off, and knobs taken as they are
 SWITCHES = {"autozoom": ("zoom_out", "none"), "refine": ("refine", "none")}
 OVERRIDES = ("max_zoom", "context", "max_refine_patches")

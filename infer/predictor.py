@@ -30,7 +30,7 @@ from .engine import Engine, free_device
 from .frame import Frame
 from .geometry import bbox_of
 from .interaction import ClassInput, run_class
-from .policy import Policy, mirror_flips, parse_policy, with_overrides
+from .policy import Policy, mirror_flips, policy_for, with_overrides
 from .prompts import class_prompts, has_entries, num_classes
 from .region import MERGES, Region, class_values
 from .writer import to_labels
@@ -129,8 +129,7 @@ class Predictor:
     def __init__(self, network: torch.nn.Module, card: ModelCard, device: Optional[str | torch.device] = None,
                  policy: Optional[str | Policy] = None, **overrides):
         self.device = pick_device(device) if not isinstance(device, torch.device) else device
-        pol = parse_policy(policy if policy is not None else getattr(card, "policy", None))
-        self.policy = with_overrides(pol, **overrides)
+        self.policy = with_overrides(policy_for(card, policy), **overrides)
         self.engine = Engine(network.to(self.device).eval(), card, self.device, mirror_flips(self.policy))
         self.cpu_fallback = self.device.type != "cpu"  # retry out-of-memory classes on the CPU
 

@@ -41,7 +41,7 @@ from infer.card import ModelCard
 from infer.engine import Engine, network_input
 from infer.geometry import Crop, crop_to_patch
 from infer.interaction import ClassInput, first_view, whole_volume_mask
-from infer.policy import Policy, mirror_flips, parse_policy, sample_tile, view_crop
+from infer.policy import Policy, mirror_flips, policy_for, sample_tile, view_crop
 from infer.prompts import ClassPrompts, class_prompts
 
 
@@ -82,8 +82,8 @@ class SimModel:
            policy: Optional[str | Policy] = None) -> "SimModel":
         """The model of ``network`` (on ``device``; its train/eval mode is left as it is: its
         layers compute the same in both; None: no engine) with ``policy``: a preset name, a spec
-        or a ``Policy``; None: the card's, else "project" (``infer.policy.parse_policy``)."""
-        pol = parse_policy(policy if policy is not None else getattr(card, "policy", None))
+        or a ``Policy``; None: the card's, else the default (``infer.policy.policy_for``)."""
+        pol = policy_for(card, policy)
         if network is None:
             return cls(card, pol)
         return cls(card, pol, Engine(network, card, device, mirror_flips(pol)))
