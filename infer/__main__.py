@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 log = logging.getLogger("infer")
 
-from .limits import DEFAULT_MEMORY_GB, FIXED, PER_IMGS_BYTE  # noqa: E402 (no numpy: --help needs none)
+from .limits import DEFAULT_MEMORY_GB, GB, bytes_per_voxel  # noqa: E402 (no numpy: --help needs none)
 
 
 _EPILOG = """\
@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-gb", default=env("INFER_MEMORY_GB", str(float(DEFAULT_MEMORY_GB))),
                    help="host memory the run may use (GB of 2^30 bytes); a case whose modelled peak "
                         f"(infer/limits.py: bytes per voxel from the dtypes of imgs and prev_pred, "
-                        f"{FIXED + PER_IMGS_BYTE:g} for a uint8 image) exceeds it is refused from its "
+                        f"{bytes_per_voxel(1):g} for a uint8 image) exceeds it is refused from its "
                         "headers (the harness's container has 32 GB)")
     p.add_argument("--no-autozoom", action="store_true", help="never zoom out and predict again")
     p.add_argument("--no-refine", action="store_true",
@@ -200,7 +200,7 @@ def _no_output_reason(src: str, limits) -> str:
     if shape is None:
         return "not even a usable image shape is readable"
     return (f"its image ({'x'.join(map(str, shape))}) is over the memory limit "
-            f"({limits.max_bytes / 2**30:g} GB, --memory-gb): not even an all-zero output of its "
+            f"({limits.max_bytes / GB:g} GB, --memory-gb): not even an all-zero output of its "
             "shape is written")
 
 

@@ -35,8 +35,6 @@ byte alone would charge a float64 prev_pred 8 x 3.9). The per-voxel figures fall
 the model measured at 6.29 M voxels errs high for CT-sized cases. ``--memory-gb`` (default 28 of
 the harness's 32 GB container) is compared with the model; the rest (4 GB) covers the fixed
 0.27 GB of the interpreter and torch, the weights (0.4 GB for v1.0) and a CUDA context.
-``BYTES_PER_VOXEL``: the model for a uint8 image with a uint8 prev_pred (the organizer's usual
-case), rounded up, for messages that give one figure.
 """
 import math
 
@@ -44,7 +42,6 @@ FIXED = 21.0
 PER_IMGS_BYTE = 1.5
 PREV_FIXED = 3.5
 PER_PREV_BYTE = 1.25
-BYTES_PER_VOXEL = 28  # bytes_per_voxel(1, 1), rounded up
 DEFAULT_MEMORY_GB = 28.0  # of the harness's 32 GB container: 4 GB left for weights and slack
 GB = 2**30  # what --memory-gb counts in
 

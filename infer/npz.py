@@ -63,8 +63,8 @@ class Limits:
 
     @property
     def max_voxels(self) -> int:
-        """The largest uint8 ``imgs`` without ``prev_pred`` the byte model admits (one figure for
-        messages; the check itself is :attr:`max_bytes` against the model)."""
+        """The largest uint8 ``imgs`` without ``prev_pred`` the byte model admits (a single figure
+        to quote; the check itself is :attr:`max_bytes` against the model)."""
         return max(self.max_bytes // bytes_per_voxel(1), 1)
 
     @classmethod
