@@ -1,5 +1,6 @@
-"""Shared pytest set-up: the repository root is importable (infer, evaluation, train, scripts)."""
+"""Shared pytest set-up: the repository root is importable (infer, evaluation, train, scripts); fixtures more than one test file uses."""
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,3 +19,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def bytes_read(monkeypatch):
+    """A list that collects the length of every read from a zip member."""
+    got = []
+    real = zipfile.ZipExtFile.read
+
+    def counting(self, n=-1):
+        data = real(self, n)
+        got.append(len(data))
+        return data
+
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting)
+    return got

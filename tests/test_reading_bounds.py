@@ -30,21 +30,6 @@ def weights(tmp_path_factory):
     return make_artifact(tmp_path_factory.mktemp("model"))
 
 
-@pytest.fixture
-def bytes_read(monkeypatch):
-    """A list that collects the length of every read from a zip member."""
-    got = []
-    real = zipfile.ZipExtFile.read
-
-    def counting(self, n=-1):
-        data = real(self, n)
-        got.append(len(data))
-        return data
-
-    monkeypatch.setattr(zipfile.ZipExtFile, "read", counting)
-    return got
-
-
 def npy_header(shape, dtype) -> bytes:
     buf = io.BytesIO()
     npformat.write_array_header_1_0(buf, {"descr": npformat.dtype_to_descr(np.dtype(dtype)),
