@@ -132,26 +132,25 @@ def shown(name: str) -> str:
 def _fallback_segs(path, case, limits):
     """The best output for a case that could not be segmented: its previous prediction (labels
     above K dropped; K unknown: above 65535) or zeros of the image's shape; None when not even a
-    sane shape is readable. ``case``: what ``read_case`` returned, or None when it failed (then
-    the file is read again for imgs and prev_pred only, and last for the shape in the imgs
-    header)."""
+    sane shape is readable. ``case``: the case as read (an ``infer.case.Case``), or None when it
+    could not be read (then the file is read again for imgs and prev_pred only, and last for the
+    shape in the imgs header)."""
     import numpy as np
     from .npz import imgs_shape, read_case
     from .writer import label_dtype, to_labels
-    from .prompts import num_classes
-    k = None
+    k, imgs, prev = None, None, None
     if case is not None:
-        k = min(num_classes(case), 65535)
+        k, imgs, prev = min(case.num_classes, 65535), case.imgs, case.prev_pred
     else:
         try:
-            case = read_case(path, keys=("prev_pred",), limits=limits)
+            raw = read_case(path, keys=("prev_pred",), limits=limits)
+            imgs, prev = raw["imgs"], raw["prev_pred"]
         except Exception:
-            case = None
-    if case is not None:
-        prev = case.get("prev_pred")
-        if prev is not None and prev.shape == case["imgs"].shape:
+            pass
+    if imgs is not None:
+        if prev is not None and prev.shape == imgs.shape:
             return to_labels(prev, k)
-        return np.zeros(case["imgs"].shape, label_dtype(k or 0))
+        return np.zeros(imgs.shape, label_dtype(k or 0))
     shape = imgs_shape(path, limits)
     return None if shape is None else np.zeros(shape, np.uint8)
 
@@ -279,16 +278,15 @@ class _CaseLoop:
     def segment(self, name: str, src: str, label: str, budget_from: float):
         """``(segs, k, how, note)`` of one case: the predictor's labels, or after an error the
         fallback's (``segs`` None when not even an image shape is readable)."""
+        from .case import Case
         from .npz import read_case
-        from .prompts import num_classes
         from .writer import label_dtype
         case, k = None, "?"
         try:
-            case = read_case(src, limits=self.limits)
-            case["name"] = label
-            for warning in case.get("warnings", []):
+            case = Case.from_mapping(read_case(src, limits=self.limits), name=label)
+            for warning in case.warnings:
                 log.warning("%s: %s", label, warning)
-            k = num_classes(case)
+            k = case.num_classes
             label_dtype(k)  # more than 65535 classes cannot be written
             if self.predictor is None:
                 raise RuntimeError("no model loaded")

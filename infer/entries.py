@@ -1,6 +1,6 @@
 """The prompt keys of a case file (``boxes``, ``clicks``, ``clicks_order``) validated into plain
 Python, class by class: an entry that cannot be used becomes a :class:`Malformed` (that class
-alone is lost). ``infer.prompts`` reads the result, and shares :func:`to_int` for its own checks.
+alone is lost). ``infer.case`` parses the result, and shares :func:`to_int` for its own checks.
 """
 import math
 import operator

@@ -19,19 +19,19 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 import torch
 
 from .budget import Budget
 from .card import ModelCard
+from .case import Case, as_case
 from .engine import Engine, free_device
 from .frame import Frame
 from .geometry import bbox_of
 from .interaction import ClassInput, run_class
 from .policy import Policy, mirror_flips, policy_for, with_overrides
-from .prompts import class_prompts, has_entries, num_classes
 from .region import MERGES, Region, class_values
 from .writer import to_labels
 
@@ -150,9 +150,10 @@ class Predictor:
         return cls(network, card, dev, policy=policy, **kw)
 
     # ------------------------------------------------------------------ public API
-    def predict(self, case: dict, deadline: Optional[float] = None,
+    def predict(self, case: Case | Mapping, deadline: Optional[float] = None,
                 clock: Callable[[], float] = time.monotonic) -> np.ndarray:
-        """Segment every class of ``case`` (a dict as ``infer.npz.read_case`` returns).
+        """Segment every class of ``case`` (an ``infer.case.Case``, or a dict in the layout
+        ``infer.npz.read_case`` returns, parsed once here).
 
         Returns ``segs``: (D, H, W) uint8 (uint16 when K > 255), labels 0..K. A class that fails
         keeps its previous mask (zeros in the box stage) and the error is logged. ``deadline``
@@ -161,7 +162,8 @@ class Predictor:
         outside the classes (the whole volume does not fit) reruns the case on the CPU.
         """
         budget = Budget(deadline, clock)
-        name = case.get("name", "case")
+        case = as_case(case)
+        name = case.name
         try:
             return self._predict(case, budget, self.engine)
         except torch.OutOfMemoryError as exc:
@@ -175,11 +177,11 @@ class Predictor:
         with self.engine.on_cpu() as cpu:
             return self._predict(case, budget, cpu)
 
-    def _predict(self, case: dict, budget: Budget, engine: Engine) -> np.ndarray:
-        imgs = case["imgs"]
+    def _predict(self, case: Case, budget: Budget, engine: Engine) -> np.ndarray:
+        imgs = case.imgs
         shape = tuple(imgs.shape)
-        k_total = num_classes(case)
-        asked = [k for k in range(1, k_total + 1) if has_entries(case, k)]
+        k_total = case.num_classes
+        asked = case.asked()
         if len(asked) < k_total or not k_total:
             _say_unprompted(case, k_total, len(asked))
         with torch.inference_mode():
@@ -198,15 +200,15 @@ class Predictor:
                     merge.add(k, *values)
             return merge.result(k_total)
 
-    def _class(self, case: dict, k: int, engine: Engine, budget: Budget, scene) -> Optional[Region]:
+    def _class(self, case: Case, k: int, engine: Engine, budget: Budget, scene) -> Optional[Region]:
         """Class ``k``'s region, or None (keeps its previous mask) when it fails: the error is
         logged in one line and the other classes go on. ``scene``: (image in the frame, frame,
         the class's previous mask in the volume, its box)."""
         image, frame, prev_k, pbox = scene
-        name = case.get("name", "case")
+        name = case.name
         engine.where = {"case": name, "class": k}
         try:
-            prompts = class_prompts(case, k, self.card.box_style)
+            prompts = case.prompts(k, self.card.box_style)
             if not engine.fits(budget, prompts):
                 raise TimeoutError("time budget spent: keeping the previous mask")
             fprev = frame.cut(prev_k)
@@ -246,18 +248,18 @@ def _to_cpu(x: ClassInput) -> ClassInput:
     return ClassInput(x.image.cpu(), x.prompts, None if x.prev is None else x.prev.cpu(), x.prev_box)
 
 
-def _prev_labels(case: dict, shape, k_total: int, device: torch.device):
+def _prev_labels(case: Case, shape, k_total: int, device: torch.device):
     """``(labels, present)``: the case's ``prev_pred`` as labels on ``device`` (int32 where uint8
     could not be compared with labels above 255) and the set of its labels 1..K, found once; or
     ``(None, set())`` when absent or of another shape than ``imgs`` (logged). One label rule for
     every path (``infer.writer.to_labels``, as the fallback output uses it): a signed, float or
     boolean map has its negatives, NaN and labels above K as background and fractions rounded;
     an unsigned map is used as it is (its labels above K are never a class's)."""
-    prev = case.get("prev_pred")
+    prev = case.prev_pred
     if prev is None:
         return None, set()
     if tuple(prev.shape) != tuple(shape):
-        log.warning("%s: prev_pred shape %s != imgs shape %s: ignored", case.get("name", "case"), prev.shape, shape)
+        log.warning("%s: prev_pred shape %s != imgs shape %s: ignored", case.name, prev.shape, shape)
         return None, set()
     if prev.dtype not in (np.uint8, np.uint16):
         prev = to_labels(prev, k_total)
@@ -278,10 +280,10 @@ def present_labels(labels: np.ndarray, k_total: int, slab_voxels: int = 1 << 22)
     return {int(v) for v in np.flatnonzero(counts[1:k_total + 1]) + 1}
 
 
-def _say_unprompted(case: dict, k_total: int, asked: int) -> None:
+def _say_unprompted(case: Case, k_total: int, asked: int) -> None:
     """One warning for a case that prompts none of its classes (or has none), one line of debug
     for a case that leaves some out."""
-    name = case.get("name", "case")
+    name = case.name
     if not asked:
         log.warning("%s: no boxes and no clicks for any class: every class keeps its previous mask "
                     "(zeros without prev_pred)", name)

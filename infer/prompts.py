@@ -1,4 +1,5 @@
-"""Prompts: from a case's ``boxes`` / ``clicks`` / ``clicks_order`` to the 7 prompt channels.
+"""Prompts: one class's parsed prompts (``ClassPrompts``, made by ``infer.case``) to the 7 prompt
+channels.
 
 Channel order (after the image channel): [previous mask, box+, box-, point+, point-, scribble+,
 scribble-], as nnInteractive v1.0 was trained. Prompts are drawn as nnInteractive draws them, in
@@ -27,7 +28,6 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .entries import to_int
 from .geometry import Crop, crop_to_patch
 
 Vec3 = Tuple[int, int, int]
@@ -53,154 +53,6 @@ class ClassPrompts:
     clicks: List[Tuple[bool, Vec3]] = field(default_factory=list)
     done: bool = False
     stage: int = 0
-
-
-class PromptError(ValueError):
-    """One class's prompts cannot be used (that class alone keeps its previous mask)."""
-
-
-BOX_KEYS = ("z_min", "z_max", "z_mid", "z_mid_y_min", "z_mid_y_max", "z_mid_x_min", "z_mid_x_max")
-_BOX_REQUIRED = BOX_KEYS[2:]  # z_min / z_max default to z_mid
-
-
-def num_classes(case: dict) -> int:
-    """K = the longest of ``boxes``, ``clicks`` and ``clicks_order`` (0 when none is given).
-
-    The harness writes them equally long (K = len(boxes), or len(clicks) without boxes); taking
-    the longest means a short or empty list never drops the later classes (and their previous
-    masks): a class missing from one list simply has no prompt of that kind."""
-    return max([len(case[key]) for key in ("boxes", "clicks", "clicks_order")
-                if case.get(key) is not None] + [0])
-
-
-def _inside(p: Sequence[int], shape: Sequence[int]) -> bool:
-    return len(p) == 3 and all(0 <= int(v) < s for v, s in zip(p, shape))
-
-
-def _plain_int(v, what: str) -> int:
-    """``v`` as an int when it holds an integer value (``infer.entries.to_int``), else PromptError."""
-    return to_int(v, what, PromptError)
-
-
-def chronological_clicks(clicks: dict, order: Optional[list], shape: Sequence[int]) -> List[Tuple[bool, Vec3]]:
-    """Rebuild the click sequence of one class by walking ``order`` with one pointer per list.
-
-    ``None`` entries consume nothing. Clicks that ``order`` does not account for (the two disagree)
-    are appended after the ordered ones, foreground first. Clicks outside the volume are dropped.
-    Raises PromptError for a click that is not three integers or an order entry that is not
-    "fg" / "bg" / None.
-    """
-    def points(side):
-        out = []
-        for i, p in enumerate((clicks or {}).get(side, []) or []):
-            if not isinstance(p, (list, tuple)) or len(p) != 3:
-                raise PromptError(f"{side} click {i}: expected [z, y, x]")
-            if type(p[0]) is int and type(p[1]) is int and type(p[2]) is int:  # as infer.npz.read_case gives them
-                out.append(tuple(p))
-            else:
-                out.append(tuple(_plain_int(v, f"{side} click {i}") for v in p))
-        return out
-
-    fg, bg = points("fg"), points("bg")
-    seq: List[Tuple[bool, Vec3]] = []
-    i = j = 0
-    for kind in order or []:
-        if kind not in ("fg", "bg", None):
-            raise PromptError(f"clicks_order entry {kind!r:.20} is not 'fg', 'bg' or None")
-        if kind == "fg" and i < len(fg):
-            seq.append((True, fg[i]))
-            i += 1
-        elif kind == "bg" and j < len(bg):
-            seq.append((False, bg[j]))
-            j += 1
-    seq += [(True, p) for p in fg[i:]] + [(False, p) for p in bg[j:]]
-    return [(pos, p) for pos, p in seq if _inside(p, shape)]  # type: ignore[misc]
-
-
-def box_from_dict(d: dict, shape: Sequence[int], style: str) -> Tuple[Optional[Box], Optional[Box]]:
-    """Organizer box dict (inclusive integers) -> (drawn box, object extent), both half-open and
-    clipped to ``shape``; (None, None) when the box is empty (``{}``) or empty after clipping.
-    Inverted bounds are swapped; ``z_min`` / ``z_max`` default to ``z_mid``. Raises PromptError
-    for a missing or unknown key or a value that is not an integer."""
-    if not d:
-        return None, None
-    if not isinstance(d, dict):
-        raise PromptError(f"box: expected a dict, got {type(d).__name__}")
-    unknown = [key for key in d if key not in BOX_KEYS]
-    missing = [key for key in _BOX_REQUIRED if key not in d]
-    if unknown or missing:
-        raise PromptError(f"box: unknown key(s) {[str(u)[:20] for u in unknown[:3]]}" if unknown
-                          else f"box: missing key(s) {missing}")
-    v = {key: _plain_int(d[key], f"box {key}") for key in d}
-
-    def span(a, b, n):
-        a, b = sorted((a, b))
-        return max(a, 0), min(b + 1, n)
-
-    zmid = v["z_mid"]
-    y = span(v["z_mid_y_min"], v["z_mid_y_max"], shape[1])
-    x = span(v["z_mid_x_min"], v["z_mid_x_max"], shape[2])
-    z = span(v.get("z_min", zmid), v.get("z_max", zmid), shape[0])
-    zmid = min(max(zmid, z[0]), max(z[1] - 1, z[0]))
-    extent = ((z[0], y[0], x[0]), (z[1], y[1], x[1]))
-    if any(h <= l for l, h in zip(*extent)):
-        return None, None
-    if style == "2d":
-        return ((zmid, y[0], x[0]), (zmid + 1, y[1], x[1])), extent
-    if style == "3d":
-        return extent, extent
-    raise ValueError(f"unknown box style {style!r}")
-
-
-def _entry(case: dict, key: str, k: int):
-    """Class ``k``'s entry of ``case[key]`` (None when absent); PromptError for one that
-    ``infer.entries`` marked unusable (any object with a ``why`` attribute)."""
-    items = case.get(key)
-    entry = items[k - 1] if items is not None and k - 1 < len(items) else None
-    if hasattr(entry, "why"):
-        raise PromptError(str(entry.why))
-    return entry
-
-
-def _holds_something(entry) -> bool:
-    if entry is None:
-        return False
-    if isinstance(entry, dict):  # a box, or a click entry {"fg": [...], "bg": [...]}
-        return any(v not in (None, [], ()) for v in entry.values()) if set(entry) <= {"fg", "bg"} else bool(entry)
-    if isinstance(entry, (list, tuple)):  # a clicks_order entry
-        return len(entry) > 0
-    return True  # anything else (an unusable entry among them) is the class's business
-
-
-def has_entries(case: dict, k: int) -> bool:
-    """Whether class ``k`` (1-based) has anything in ``boxes``, ``clicks`` or ``clicks_order``:
-    a box, a click, an order step, or an entry that cannot be used. A class without (its box
-    None or ``{}``, no clicks, an empty order) has nothing to predict: it keeps its previous
-    mask, which costs nothing when the previous prediction does not hold its label."""
-    for key in ("boxes", "clicks", "clicks_order"):
-        items = case.get(key)
-        if items is not None and k - 1 < len(items) and _holds_something(items[k - 1]):
-            return True
-    return False
-
-
-def class_prompts(case: dict, k: int, box_style: str) -> ClassPrompts:
-    """The prompts of class ``k`` (1-based) in ``case`` (a dict as ``infer.npz.read_case`` returns).
-
-    Raises PromptError when any of the class's entries cannot be used: the caller keeps that
-    class's previous mask, the other classes are unaffected."""
-    shape = case["imgs"].shape
-    out = ClassPrompts()
-    box, clicks, order = (_entry(case, key, k) for key in ("boxes", "clicks", "clicks_order"))
-    if box:
-        out.box, out.extent = box_from_dict(box, shape, box_style)
-    if clicks is not None and not isinstance(clicks, dict):
-        raise PromptError(f"clicks: expected a dict, got {type(clicks).__name__}")
-    if clicks is not None or order:
-        out.clicks = chronological_clicks(clicks or {}, order, shape)
-        out.done = bool(order) and order[-1] is None
-        out.stage = len(order) if order else len(out.clicks)
-    return out
 
 
 def clicks_drawn(prompts: ClassPrompts) -> int:

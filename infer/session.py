@@ -42,7 +42,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .prompts import BOX_KEYS
+from .case import BOX_KEYS
 
 __all__ = ["Session", "box_to_dict"]
 

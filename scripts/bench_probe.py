@@ -36,7 +36,7 @@ def main(cfg: dict) -> dict:
     from infer.npz import read_case
     from infer.writer import write_segs
     from infer.predictor import Predictor
-    from infer.prompts import num_classes
+    from infer.case import num_classes
     out["import_infer"] = clock() - t + t_main
 
     dev = torch.device(cfg["device"])

@@ -737,7 +737,7 @@ def _predict_sh(inputs, outputs, weights, device, timeout=900) -> subprocess.Com
 def section_demo(run: Run) -> dict:
     import numpy as np
     from infer.npz import read_case
-    from infer.prompts import num_classes
+    from infer.case import num_classes
     inputs, weights = Path(run.args.sample_inputs), Path(run.args.demo_weights)
     outs, logs = {}, {}
     for dev in ("cpu", run.device):

@@ -67,14 +67,15 @@ def test_probe_counts_every_network_pass(tmp_path):
 @pytest.mark.parametrize("stage", ["box", "click"])
 def test_make_case_is_a_valid_case(tmp_path, stage):
     from infer.npz import read_case
-    from infer.prompts import class_prompts, num_classes
+    from infer.case import Case
     path = make_case(tmp_path / "c.npz", (12, 24, 20), 3, stage=stage)
     case = read_case(path)
     assert case["imgs"].shape == (12, 24, 20) and case["imgs"].dtype == np.uint8
-    assert num_classes(case) == 3
+    parsed = Case.from_mapping(case)
+    assert parsed.num_classes == 3
     r = max(2, 12 // (4 + 3))
     for k in (1, 2, 3):
-        p = class_prompts(case, k, "2d")
+        p = parsed.prompts(k, "2d")
         assert p.box is not None and not p.done
         (z0, y0, x0), (z1, y1, x1) = p.extent  # half-open
         if stage == "box":

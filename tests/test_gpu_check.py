@@ -19,7 +19,7 @@ import infer.predictor
 from infer.card import ModelCard
 from infer.npz import read_case
 from infer.predictor import Predictor
-from infer.prompts import class_prompts, num_classes
+from infer.case import Case, num_classes
 from infer.weights import load_model
 from scripts import gpu_check as gc
 from tests.tinymodel import tiny_arch
@@ -191,7 +191,7 @@ def test_make_case_boxes_are_the_balls_bounding_boxes(tmp_path):
         assert (b["z_mid_y_min"], b["z_mid_y_max"]) == (on_mid[0].min(), on_mid[0].max())
         assert (b["z_mid_x_min"], b["z_mid_x_max"]) == (on_mid[1].min(), on_mid[1].max())
         assert b["z_mid"] == centre[0]
-        p = class_prompts(case, k, "2d")
+        p = Case.from_mapping(case).prompts(k, "2d")
         assert p.box is not None and not p.done
     last_centre, last_r = balls[-1]
     last = ((z - last_centre[0]) ** 2 + (y - last_centre[1]) ** 2 + (x - last_centre[2]) ** 2) <= last_r ** 2

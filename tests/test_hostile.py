@@ -258,7 +258,7 @@ def test_object_members_are_read_with_a_byte_limit(tmp_path):
                                  {"z_mid": 3}, "garbage"])
 def test_a_bad_box_loses_its_class_alone(tmp_path, weights, bad):
     """Guard: prompt entries are parsed per class (infer.entries marks the bad one Malformed,
-    class_prompts refuses it for that class). The other classes come out exactly as in the case
+    its parsed class entry refuses it for that class). The other classes come out exactly as in the case
     whose bad class has no prompt at all, and the bad class keeps its previous mask."""
     prev = np.zeros(SHAPE, np.uint8)
     prev[9:11, 20:24, 5:10] = 2  # class 2's previous mask

@@ -41,15 +41,18 @@ def test_classes_with_neither_prompt_nor_previous_mask_cost_nothing(monkeypatch)
     assert (segs == 3).sum() == (_prev() == 3).sum()  # the unprompted class kept its mask
 
 
-def test_has_entries_tells_empty_entries_from_prompts_and_unusable_ones():
+def test_asked_classes_tell_empty_entries_from_prompts_and_unusable_ones():
     from infer.entries import Malformed
-    from infer.prompts import has_entries
-    case = {"boxes": [None, {}, box_dict(1, 2, 1, 2, 1, 2), None],
+    from infer.case import Case
+    imgs = np.zeros((4, 4, 4), np.uint8)
+    case = {"imgs": imgs, "boxes": [None, {}, box_dict(1, 2, 1, 2, 1, 2), None],
             "clicks": [{"fg": [], "bg": []}, None, None, {"fg": [[1, 2, 3]], "bg": []}],
             "clicks_order": [[], None, None, None, [None]]}
-    assert [has_entries(case, k) for k in range(1, 6)] == [False, False, True, True, True]
-    assert has_entries({"boxes": [Malformed("bad")], "clicks": None, "clicks_order": None}, 1)
-    assert not has_entries({"boxes": None, "clicks": None, "clicks_order": None}, 1)
+    assert [c.given for c in Case.from_mapping(case).classes] == [False, False, True, True, True]
+    assert Case.from_mapping(case).asked() == [3, 4, 5]
+    assert Case.from_mapping({"imgs": imgs, "boxes": [Malformed("bad")], "clicks": None}).asked() == [1]
+    nothing = Case.from_mapping({"imgs": imgs, "boxes": [None], "clicks": [None], "clicks_order": None})
+    assert nothing.num_classes == 1 and nothing.asked() == []
 
 
 def test_a_none_box_keeps_the_classs_clicks(tmp_path):

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from infer.geometry import Crop, make_crop
-from infer.prompts import (ClassPrompts, _odd_kernel, box_from_dict, chronological_clicks, class_prompts,
-                           encode, num_classes, soft_ball)
+from infer.case import Case, box_from_dict, chronological_clicks, num_classes
+from infer.prompts import ClassPrompts, _odd_kernel, encode, soft_ball
 
 
 def test_chronological_clicks_walks_one_pointer_per_list_and_skips_none():
@@ -187,7 +187,8 @@ def test_class_prompts_and_num_classes():
             "clicks": [{"fg": [[1, 2, 3]], "bg": []}, {"fg": [], "bg": []}],
             "clicks_order": [["fg"], [None]]}
     assert num_classes(case) == 2
-    a, b = class_prompts(case, 1, "2d"), class_prompts(case, 2, "2d")
+    c = Case.from_mapping(case)
+    a, b = c.prompts(1, "2d"), c.prompts(2, "2d")
     assert a.clicks == [(True, (1, 2, 3))] and not a.done and a.box is None
     assert b.done and b.clicks == []
 
@@ -196,7 +197,7 @@ def test_num_classes_is_the_longest_list_and_bad_entries_fail_their_class_only()
     import numpy as np
     import pytest
     from infer.entries import Malformed
-    from infer.prompts import PromptError
+    from infer.case import PromptError
     box = {"z_min": 1, "z_max": 3, "z_mid": 2, "z_mid_y_min": 1, "z_mid_y_max": 4, "z_mid_x_min": 1,
            "z_mid_x_max": 4}
     case = {"imgs": np.zeros((10, 10, 10), np.uint8), "boxes": [box, Malformed("boxes[1]: bad")],
@@ -204,10 +205,11 @@ def test_num_classes_is_the_longest_list_and_bad_entries_fail_their_class_only()
     assert num_classes(case) == 3
     assert num_classes({"boxes": [], "clicks": [{}, {}], "clicks_order": [[], [], [], []]}) == 4
     assert num_classes({"boxes": None, "clicks": None}) == 0
-    assert class_prompts(case, 1, "3d").box == ((1, 1, 1), (4, 5, 5))
+    c = Case.from_mapping(case)
+    assert c.prompts(1, "3d").box == ((1, 1, 1), (4, 5, 5))
     with pytest.raises(PromptError, match="boxes\\[1\\]: bad"):
-        class_prompts(case, 2, "3d")
-    assert class_prompts(case, 3, "3d").clicks == [(True, (1, 1, 1))]
+        c.prompts(2, "3d")
+    assert c.prompts(3, "3d").clicks == [(True, (1, 1, 1))]
     for bad, match in [(dict(box, z_min=1.5), "expected an integer"), (dict(box, z_min=None), "NoneType"),
                        (dict(box, other=1), "unknown key"), ({"z_mid": 2}, "missing key")]:
         with pytest.raises(PromptError, match=match):

@@ -8,7 +8,8 @@ from infer.card import ModelCard
 from infer.engine import Engine
 from infer.geometry import make_crop
 from infer.policy import PRESETS, Policy, gated_flips, parse_policy
-from infer.prompts import ClassPrompts, class_prompts
+from infer.case import Case
+from infer.prompts import ClassPrompts
 from scripts.tinymodel import IN_CHANNELS, tiny_arch
 
 PATCH = (4, 8, 8)
@@ -39,11 +40,11 @@ def test_the_stage_is_the_length_of_clicks_order():
     imgs = torch.zeros(8, 8, 8).numpy()
     case = {"imgs": imgs, "clicks": [{"fg": [[1, 1, 1]] * 3, "bg": [[2, 2, 2]] * 2}],
             "clicks_order": [["fg", "bg", "fg", "bg", "fg"]]}
-    assert class_prompts(case, 1, "2d").stage == 5
+    assert Case.from_mapping(case).prompts(1, "2d").stage == 5
     case["clicks_order"] = [["fg", "bg", None]]
-    assert class_prompts(case, 1, "2d").stage == 3
-    assert class_prompts({"imgs": imgs, "boxes": [{"z_mid": 2, "z_mid_y_min": 1, "z_mid_y_max": 3,
-                                                    "z_mid_x_min": 1, "z_mid_x_max": 3}]}, 1, "2d").stage == 0
+    assert Case.from_mapping(case).prompts(1, "2d").stage == 3
+    assert Case.from_mapping({"imgs": imgs, "boxes": [{"z_mid": 2, "z_mid_y_min": 1, "z_mid_y_max": 3,
+                                                     "z_mid_x_min": 1, "z_mid_x_max": 3}]}).prompts(1, "2d").stage == 0
 
 
 class FixedLogits(torch.nn.Module):

@@ -12,7 +12,7 @@ One training example for one class of one case, built exactly as inference sees 
    the volume, as the interaction policy decides), the organizer's click is placed on
    that prediction (``evaluation.clicks.next_click``: largest 26-connected error component,
    maximum-EDT voxel, fg/bg by the truth), and the previous-mask and click channels are updated
-   (prompts rebuilt with ``infer.prompts.class_prompts`` from a case dict in the harness's form).
+   (the class's prompts parsed by ``infer.case.ClassEntry``, as a case's are).
    Without the second step (or when the first prediction is already perfect) the example trains
    on the first interaction with an empty previous mask, which is what the box stage and the
    first click of a no-box case feed the model.
@@ -42,7 +42,8 @@ from infer.engine import Engine, network_input
 from infer.geometry import Crop, crop_to_patch
 from infer.interaction import ClassInput, first_view, whole_volume_mask
 from infer.policy import Policy, mirror_flips, policy_for, sample_tile, view_crop
-from infer.prompts import ClassPrompts, class_prompts
+from infer.case import ClassEntry
+from infer.prompts import ClassPrompts
 
 
 @dataclass
@@ -181,15 +182,13 @@ def crop_target(gt: torch.Tensor, crop: Crop) -> torch.Tensor:
     return out
 
 
-def harness_case(imgs: np.ndarray, box: Optional[dict], state: Optional[ClickState]) -> dict:
-    """A one-class case dict as ``infer.npz.read_case`` returns it for the harness's inputs."""
-    case = {"imgs": imgs, "boxes": [box] if box is not None else None, "clicks": None,
-            "clicks_order": None}
+def harness_prompts(shape, box: Optional[dict], state: Optional[ClickState], style: str) -> ClassPrompts:
+    """The prompts of the one class the harness's ``box`` (or None) and click ``state`` (or
+    None) describe, parsed by inference's own rule (``infer.case.ClassEntry``)."""
+    clicks = order = None
     if state is not None:
-        case["clicks"] = [{"fg": [list(map(int, p)) for p in state.clicks[0]["fg"]],
-                           "bg": [list(map(int, p)) for p in state.clicks[0]["bg"]]}]
-        case["clicks_order"] = [list(state.clicks_order[0])]
-    return case
+        clicks, order = state.clicks[0], state.clicks_order[0]
+    return ClassEntry.parse(box, clicks, order, shape).prompts(style)
 
 
 def simulate_example(model: SimModel, imgs: np.ndarray, gt: np.ndarray, rng: np.random.Generator,
@@ -226,7 +225,7 @@ def simulate_example(model: SimModel, imgs: np.ndarray, gt: np.ndarray, rng: np.
     else:
         first, box, state = "click", None, ClickState.empty(1)
         state.add(0, first_click(gt))
-    prompts = class_prompts(harness_case(imgs, box, state), 1, style)
+    prompts = harness_prompts(imgs.shape, box, state, style)
     prev_k = None
     click, first_pred = None, None
     u = rng.random()
@@ -248,7 +247,7 @@ def simulate_example(model: SimModel, imgs: np.ndarray, gt: np.ndarray, rng: np.
             first_pred = pred
             state = state or ClickState.empty(1)
             state.add(0, click)
-            prompts = class_prompts(harness_case(imgs, box, state), 1, style)
+            prompts = harness_prompts(imgs.shape, box, state, style)
             prev_k = torch.from_numpy(pred).to(dev)
     if crop is None:
         steps = int(rng.integers(1, 3)) if rng.random() < p_zoom_out else 0

@@ -1,0 +1,80 @@
+"""The typed case: a case dict parsed once, against hand-computed boxes and click sequences."""
+import numpy as np
+import pytest
+
+from evaluation.clicks import Click, ClickState
+from infer.case import Case, ClassEntry, PromptError, drawn_box
+from infer.entries import Malformed
+from infer.predictor import Predictor
+from tests.test_predictor import ChannelStub, box_dict, card
+
+SHAPE = (20, 30, 40)
+
+
+def _imgs():
+    return np.random.default_rng(0).integers(0, 255, SHAPE, dtype=np.uint8)
+
+
+def test_a_box_becomes_its_half_open_extent_and_the_slice_it_is_drawn_on():
+    # inclusive z 2..6, y 3..9, x 4..12 -> half-open (2, 3, 4)-(7, 10, 13); z_mid 4
+    e = ClassEntry.parse(box_dict(2, 6, 3, 9, 4, 12, zmid=4), None, None, SHAPE)
+    assert e.extent == ((2, 3, 4), (7, 10, 13)) and e.z_mid == 4 and e.given and e.failure is None
+    assert drawn_box(e.extent, e.z_mid, "2d") == ((4, 3, 4), (5, 10, 13))
+    assert e.prompts("3d").box == ((2, 3, 4), (7, 10, 13)) and e.prompts("3d").extent == e.extent
+    # clipped to the volume (z 18..25 -> 18..20), z_mid 24 moved into the extent (19)
+    e = ClassEntry.parse(box_dict(18, 25, 0, 29, 0, 39, zmid=24), None, None, SHAPE)
+    assert e.extent == ((18, 0, 0), (20, 30, 40)) and e.z_mid == 19
+    with pytest.raises(ValueError, match="box style"):
+        e.prompts("4d")
+
+
+def test_clicks_come_in_the_order_clicks_order_gives_with_stage_and_done():
+    clicks = {"fg": [[1, 2, 3], [4, 5, 6]], "bg": [[7, 8, 9]]}
+    e = ClassEntry.parse({}, clicks, ["fg", "bg", None, "fg"], SHAPE)
+    assert e.clicks == ((True, (1, 2, 3)), (False, (7, 8, 9)), (True, (4, 5, 6)))
+    assert e.stage == 4 and not e.done and e.extent is None
+    done = ClassEntry.parse({}, clicks, ["fg", "bg", None, "fg", None], SHAPE)
+    assert done.done and done.stage == 5
+    # a click outside the volume is dropped; without clicks_order the stage counts the clicks kept
+    e = ClassEntry.parse(None, {"fg": [[1, 2, 3], [20, 0, 0]], "bg": []}, None, SHAPE)
+    assert e.clicks == ((True, (1, 2, 3)),) and e.stage == 1
+
+
+def test_an_unusable_class_carries_its_error_and_the_others_parse():
+    d = {"imgs": _imgs(), "boxes": [box_dict(2, 6, 3, 9, 4, 12), Malformed("boxes[1]: bad"),
+                                    dict(box_dict(1, 2, 1, 2, 1, 2), z_mid_y_min=1.5)],
+         "clicks": [None, None, None, {"fg": [[1, 2]], "bg": []}], "clicks_order": None}
+    case = Case.from_mapping(d, name="c.npz")
+    assert case.num_classes == 4 and case.asked() == [1, 2, 3, 4] and case.name == "c.npz"
+    assert case.prompts(1, "2d").box == ((4, 3, 4), (5, 10, 13))
+    for k, match in ((2, "boxes\\[1\\]: bad"), (3, "z_mid_y_min: expected an integer"),
+                     (4, "fg click 0: expected \\[z, y, x\\]")):
+        with pytest.raises(PromptError, match=match):
+            case.prompts(k, "2d")
+
+
+def test_training_parses_its_click_state_as_a_case_entry_would():
+    from train.simulate import harness_prompts
+    state = ClickState.empty(1)
+    state.add(0, Click("fg", (np.int64(3), np.int64(4), np.int64(5))))
+    state.add(0, Click("bg", (np.int64(6), np.int64(7), np.int64(8))))
+    box = box_dict(2, 6, 3, 9, 4, 12)
+    got = harness_prompts(SHAPE, box, state, "2d")
+    want = Case.from_mapping({"imgs": _imgs(), "boxes": [box],
+                              "clicks": [{"fg": [[3, 4, 5]], "bg": [[6, 7, 8]]}],
+                              "clicks_order": [["fg", "bg"]]}).prompts(1, "2d")
+    assert got == want and got.clicks == [(True, (3, 4, 5)), (False, (6, 7, 8))] and got.stage == 2
+
+
+def test_the_predictor_gives_a_case_and_its_dict_the_same_labels():
+    imgs = _imgs()
+    d = {"imgs": imgs, "boxes": [box_dict(2, 8, 3, 12, 4, 16), {}, box_dict(10, 15, 15, 25, 20, 35)],
+         "clicks": None, "clicks_order": None, "name": "t.npz"}
+    pred = Predictor(ChannelStub(channel=2), card("3d"), "cpu")  # foreground = the box channel
+    from_dict = pred.predict(d)
+    from_case = pred.predict(Case.from_mapping(d))
+    np.testing.assert_array_equal(from_dict, from_case)
+    expected = np.zeros(SHAPE, np.uint8)
+    expected[2:9, 3:13, 4:17] = 1
+    expected[10:16, 15:26, 20:36] = 3
+    np.testing.assert_array_equal(from_case, expected)
