@@ -132,25 +132,26 @@ def shown(name: str) -> str:
 def _fallback_segs(path, case, limits):
     """The best output for a case that could not be segmented: its previous prediction (labels
     above K dropped; K unknown: above 65535) or zeros of the image's shape; None when not even a
-    sane shape is readable. ``case``: the case as read (an ``infer.case.Case``), or None when it
-    could not be read (then the file is read again for imgs and prev_pred only, and last for the
-    shape in the imgs header)."""
+    sane shape is readable. ``case``: what ``read_case`` returned, or None when it failed (then
+    the file is read again for imgs and prev_pred only, and last for the shape in the imgs
+    header)."""
     import numpy as np
     from .npz import imgs_shape, read_case
     from .writer import label_dtype, to_labels
-    k, imgs, prev = None, None, None
+    from .case import num_classes
+    k = None
     if case is not None:
-        k, imgs, prev = min(case.num_classes, 65535), case.imgs, case.prev_pred
+        k = min(num_classes(case), 65535)
     else:
         try:
-            raw = read_case(path, keys=("prev_pred",), limits=limits)
-            imgs, prev = raw["imgs"], raw["prev_pred"]
+            case = read_case(path, keys=("prev_pred",), limits=limits)
         except Exception:
-            pass
-    if imgs is not None:
-        if prev is not None and prev.shape == imgs.shape:
+            case = None
+    if case is not None:
+        prev = case.get("prev_pred")
+        if prev is not None and prev.shape == case["imgs"].shape:
             return to_labels(prev, k)
-        return np.zeros(imgs.shape, label_dtype(k or 0))
+        return np.zeros(case["imgs"].shape, label_dtype(k or 0))
     shape = imgs_shape(path, limits)
     return None if shape is None else np.zeros(shape, np.uint8)
 
@@ -278,18 +279,19 @@ class _CaseLoop:
     def segment(self, name: str, src: str, label: str, budget_from: float):
         """``(segs, k, how, note)`` of one case: the predictor's labels, or after an error the
         fallback's (``segs`` None when not even an image shape is readable)."""
-        from .case import Case
+        from .case import Case, num_classes
         from .npz import read_case
         from .writer import label_dtype
-        case, k = None, "?"
+        raw, k = None, "?"
         try:
-            case = Case.from_mapping(read_case(src, limits=self.limits), name=label)
-            for warning in case.warnings:
+            raw = read_case(src, limits=self.limits)
+            for warning in raw["warnings"]:
                 log.warning("%s: %s", label, warning)
-            k = case.num_classes
+            k = num_classes(raw)
             label_dtype(k)  # more than 65535 classes cannot be written
             if self.predictor is None:
                 raise RuntimeError("no model loaded")
+            case = Case.from_mapping(raw, name=label)  # parsed once, as read
             deadline = budget_from + self.args.seconds_per_class * max(k, 1) - self.args.reserve_seconds
             seen = len(self.predictor.events)
             segs = self.predictor.predict(case, deadline=deadline, clock=self.clock)
@@ -301,7 +303,7 @@ class _CaseLoop:
             self.failed.add(name)
             log.error("%s: %s", label, _one_line(exc))
             try:
-                return _fallback_segs(src, case, self.limits), k, "fallback (previous mask or zeros)", ""
+                return _fallback_segs(src, raw, self.limits), k, "fallback (previous mask or zeros)", ""
             except Exception as exc2:  # unreadable even for its shape
                 log.error("%s: fallback failed: %s", label, _one_line(exc2))
                 return None, k, "", ""

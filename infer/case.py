@@ -16,7 +16,8 @@ None for a stage in which the class was already perfect and got no click). All c
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -178,13 +179,13 @@ class ClassEntry:
         try:
             return cls(given=given, **_parsed(box, clicks, order, shape))
         except Exception as exc:  # the class's own failure, raised when its prompts are asked for
-            return cls(given=given, failure=exc)
+            return cls(given=given, failure=exc.with_traceback(None))
 
     def prompts(self, box_style: str) -> ClassPrompts:
         """The class's prompts with its box drawn in ``box_style`` (the model card's). Raises the
         class's failure, when its entries cannot be used."""
         if self.failure is not None:
-            raise self.failure
+            raise self.failure.with_traceback(None)
         box = None if self.extent is None else drawn_box(self.extent, self.z_mid, box_style)
         return ClassPrompts(box=box, extent=self.extent, clicks=list(self.clicks), done=self.done,
                             stage=self.stage)
@@ -228,18 +229,14 @@ class Case:
         """A case from a dict in the layout :func:`infer.npz.read_case` returns (the organizer's
         keys: ``imgs``, ``boxes``, ``clicks``, ``clicks_order``, ``prev_pred``, ``spacing``; also
         ``name`` and ``warnings``); ``name`` overrides the dict's."""
+        if not isinstance(d, Mapping):
+            raise TypeError(f"a case is an infer.case.Case or a dict, not {type(d).__name__}")
         imgs = d["imgs"]
         shape = tuple(imgs.shape)
-
-        def entry(key: str, j: int):
-            items = d.get(key)
-            return items[j] if items is not None and j < len(items) else None
-
-        classes = tuple(ClassEntry.parse(*(entry(key, j) for key in PROMPT_KEYS), shape)
-                        for j in range(num_classes(d)))
-        return cls(imgs=imgs, classes=classes, prev_pred=d.get("prev_pred"), spacing=d.get("spacing"),
-                   name=name if name is not None else d.get("name", "case"),
-                   warnings=tuple(d.get("warnings") or ()))
+        warnings = d.get("warnings")
+        return cls(imgs=imgs, classes=tuple(_classes(d, shape)), prev_pred=d.get("prev_pred"),
+                   spacing=d.get("spacing"), name=name if name is not None else d.get("name", "case"),
+                   warnings=tuple(warnings) if isinstance(warnings, (list, tuple)) else ())
 
     @property
     def num_classes(self) -> int:
@@ -254,6 +251,19 @@ class Case:
     def asked(self) -> List[int]:
         """The classes (1-based) the case holds something for (:attr:`ClassEntry.given`)."""
         return [k for k, c in enumerate(self.classes, 1) if c.given]
+
+
+def _classes(d: Mapping, shape: Sequence[int]):
+    """One :class:`ClassEntry` per class 1..K of the case dict ``d``; a class whose entries
+    cannot even be looked up (a prompt list of an odd type) carries that error alone."""
+    for j in range(num_classes(d)):
+        try:
+            entries = [d[key][j] if d.get(key) is not None and j < len(d[key]) else None
+                       for key in PROMPT_KEYS]
+        except Exception as exc:
+            yield ClassEntry(given=True, failure=exc.with_traceback(None))
+            continue
+        yield ClassEntry.parse(*entries, shape)
 
 
 def as_case(case: "Case | Mapping") -> Case:

@@ -19,7 +19,7 @@ PYTHONPATH="$root" "$PYTHON" - "$root/sample_inputs" "$out" <<'PY'
 import os, sys
 import numpy as np
 from infer.npz import read_case
-from infer.prompts import num_classes
+from infer.case import num_classes
 
 inputs, outputs = sys.argv[1], sys.argv[2]
 names = sorted(n for n in os.listdir(inputs) if n.endswith(".npz"))

@@ -78,3 +78,19 @@ def test_the_predictor_gives_a_case_and_its_dict_the_same_labels():
     expected[2:9, 3:13, 4:17] = 1
     expected[10:16, 15:26, 20:36] = 3
     np.testing.assert_array_equal(from_case, expected)
+
+
+def test_a_callers_odd_dict_loses_one_class_or_is_refused_in_one_line():
+    imgs = _imgs()
+    pred = Predictor(ChannelStub(channel=2), card("3d"), "cpu")
+    box = box_dict(2, 8, 3, 12, 4, 16)
+    # warnings that are not a list are not the predictor's business
+    ok = pred.predict({"imgs": imgs, "boxes": [box], "warnings": 5})
+    assert ok[2:9, 3:13, 4:17].all() and ok.sum() == 7 * 10 * 13
+    # a prompt list that cannot be indexed by class loses the classes it is read for, not the case
+    seen = len(pred.events)
+    kept = pred.predict({"imgs": imgs, "boxes": [box], "clicks": {"x": 1}})
+    assert not kept.any()
+    assert [(e["event"], e["why"], e["class"]) for e in pred.events[seen:]] == [("class_kept_previous", "KeyError", 1)]
+    with pytest.raises(TypeError, match="a case is an infer.case.Case or a dict, not list"):
+        pred.predict([imgs])
