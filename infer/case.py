@@ -133,13 +133,6 @@ def drawn_box(extent: Box, z_mid: int, style: str) -> Box:
     raise ValueError(f"unknown box style {style!r}")
 
 
-def box_from_dict(d: dict, shape: Sequence[int], style: str) -> Tuple[Optional[Box], Optional[Box]]:
-    """Organizer box dict -> ``(drawn box, extent)`` (:func:`box_extent`, :func:`drawn_box`);
-    ``(None, None)`` when the box is empty or empty after clipping."""
-    extent, z_mid = box_extent(d, shape)
-    return (None, None) if extent is None else (drawn_box(extent, z_mid, style), extent)
-
-
 def _holds_something(entry) -> bool:
     if entry is None:
         return False

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from infer.geometry import Crop, make_crop
-from infer.case import Case, box_from_dict, chronological_clicks, num_classes
+from infer.case import Case, box_extent, chronological_clicks, drawn_box, num_classes
 from infer.prompts import ClassPrompts, _odd_kernel, encode, soft_ball
 
 
@@ -25,24 +25,23 @@ def test_chronological_clicks_disagreeing_lists_and_outside_points():
     assert seq == [(False, (3, 3, 3)), (True, (1, 1, 1)), (True, (2, 2, 2))]  # (50,0,0) dropped
 
 
-def test_box_from_dict_inclusive_to_half_open_2d_and_3d():
+def test_box_extent_inclusive_to_half_open_drawn_2d_and_3d():
     d = {"z_min": 3, "z_max": 9, "z_mid": 6, "z_mid_y_min": 10, "z_mid_y_max": 20,
          "z_mid_x_min": 30, "z_mid_x_max": 40}
-    drawn, extent = box_from_dict(d, (20, 64, 64), "2d")
-    assert drawn == ((6, 10, 30), (7, 21, 41))
+    extent, z_mid = box_extent(d, (20, 64, 64))
+    assert drawn_box(extent, z_mid, "2d") == ((6, 10, 30), (7, 21, 41))
     assert extent == ((3, 10, 30), (10, 21, 41))
-    drawn3, _ = box_from_dict(d, (20, 64, 64), "3d")
-    assert drawn3 == extent
+    assert drawn_box(extent, z_mid, "3d") == extent
 
 
-def test_box_from_dict_clips_to_volume_and_swaps_inverted_bounds():
+def test_box_extent_clips_to_volume_and_swaps_inverted_bounds():
     d = {"z_min": -4, "z_max": 30, "z_mid": 25, "z_mid_y_min": 70, "z_mid_y_max": 50,
          "z_mid_x_min": -3, "z_mid_x_max": 5}
-    drawn, extent = box_from_dict(d, (20, 64, 64), "2d")
+    extent, z_mid = box_extent(d, (20, 64, 64))
     assert extent == ((0, 50, 0), (20, 64, 6))
-    assert drawn == ((19, 50, 0), (20, 64, 6))  # z_mid clipped into the extent
-    assert box_from_dict({"z_min": 30, "z_max": 40, "z_mid": 35, "z_mid_y_min": 1, "z_mid_y_max": 2,
-                          "z_mid_x_min": 1, "z_mid_x_max": 2}, (20, 64, 64), "3d") == (None, None)
+    assert drawn_box(extent, z_mid, "2d") == ((19, 50, 0), (20, 64, 6))  # z_mid clipped into the extent
+    assert box_extent({"z_min": 30, "z_max": 40, "z_mid": 35, "z_mid_y_min": 1, "z_mid_y_max": 2,
+                       "z_mid_x_min": 1, "z_mid_x_max": 2}, (20, 64, 64))[0] is None
 
 
 def test_soft_ball_values():
@@ -213,8 +212,8 @@ def test_num_classes_is_the_longest_list_and_bad_entries_fail_their_class_only()
     for bad, match in [(dict(box, z_min=1.5), "expected an integer"), (dict(box, z_min=None), "NoneType"),
                        (dict(box, other=1), "unknown key"), ({"z_mid": 2}, "missing key")]:
         with pytest.raises(PromptError, match=match):
-            box_from_dict(bad, (10, 10, 10), "3d")
-    assert box_from_dict(dict(box, z_min=1.0), (10, 10, 10), "3d")[0] == ((1, 1, 1), (4, 5, 5))
+            box_extent(bad, (10, 10, 10))
+    assert box_extent(dict(box, z_min=1.0), (10, 10, 10))[0] == ((1, 1, 1), (4, 5, 5))
     with pytest.raises(PromptError, match="expected \\[z, y, x\\]"):
         chronological_clicks({"fg": [[1, 2]]}, None, (10, 10, 10))
     with pytest.raises(PromptError, match="clicks_order entry 'up'"):
