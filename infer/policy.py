@@ -1,5 +1,5 @@
 """The interaction policy: where to crop, how far to zoom, when to zoom out, which refinement tiles
-to run and what to paste. Pure decisions: no network, no I/O, no state.
+to run and how classes merge. Pure decisions: no network, no I/O, no state.
 
 The predictor (``infer.predictor``) executes these decisions and alone runs the network, guards
 the time budget and merges classes; training (``train.simulate``) reads the same decisions for the
@@ -12,7 +12,7 @@ crops it trains on. A :class:`Policy` is a frozen set of knobs; ``PRESETS`` name
   4 while the label on a crop face changes against the previous mask; upsample the coarse label
   trilinearly (>= 0.5); refine at zoom 1 only the tiles covering where the coarse label differs
   from the previous mask (opened by a 5^3 min- then max-pool), with box+ restricted to the coarse
-  mask (pseudo-lasso); paste labels.
+  mask (pseudo-lasso); classes merged by pasting labels in class order.
 * ``"project"``: this project's own loop (see docs/POLICY.md for every difference).
 
 ``parse_policy("reference,refine=none")`` builds a preset with knobs overridden (CLI use).
@@ -43,7 +43,7 @@ CHOICES = {
     "zoom_value": ("scale", "nominal"),
     "upsample": ("prob", "label"),
     "refine": ("none", "tiles", "diff"),
-    "paste": ("prob", "label"),
+    "merge": ("prob", "label"),
     "mirror_axes": ("zyx", "zy", "zx", "yx", "z", "y", "x"),
 }
 
@@ -75,8 +75,9 @@ class Policy:
       nnInteractive's tiles over the opened difference between coarse label and previous mask
       (only the tiles are pasted, the coarse label is not).
     lasso: during refinement, restrict the box+ channel to the coarse mask (pseudo-lasso).
-    paste: "prob": classes merged by probability (background = prod(1 - p_c), argmax);
-      "label": each class pastes its labels, a later class overwrites an earlier one.
+    merge: how the classes of a case become one label map. "prob": by probability (background =
+      prod(1 - p_c), argmax); "label": each class pastes its labels, a later class overwrites an
+      earlier one. Spelt ``paste`` before (``ALIASES``): that spelling is still read.
     mirror: test-time augmentation: average the softmax over the axis flips of the input.
     mirror_axes: the axes those flips combine, in z, y, x order: "zyx" (8 flips), "yx" (the 4
       in-plane flips, half the passes), ... (nnU-Net's allowed mirroring axes).
@@ -102,7 +103,7 @@ class Policy:
     refine: str = "tiles"
     max_refine_patches: int = 27
     lasso: bool = False
-    paste: str = "prob"
+    merge: str = "prob"
     mirror: bool = False
     mirror_axes: str = "zyx"
     mirror_last: bool = False
@@ -122,19 +123,29 @@ class Policy:
             raise ValueError(f"policy needs 0 <= mirror_gate <= 1 and last_click >= 1: {self}")
 
     def replace(self, **kw) -> "Policy":
-        return dataclasses.replace(self, **kw)
+        """A copy with knobs changed (an old spelling of ``ALIASES`` accepted)."""
+        return dataclasses.replace(self, **{ALIASES.get(k, k): v for k, v in kw.items()})
+
+    @property
+    def paste(self) -> str:
+        """The old spelling of :attr:`merge` (read only)."""
+        return self.merge
+
+
+# old knob spellings, still read in policy specs (a model card may carry them) -> today's names
+ALIASES = {"paste": "merge"}
 
 
 PRESETS = {
     "project": Policy(name="project"),
     "reference": Policy(name="reference", crop_nonzero=True, box_view="box", click_zoom="one",
                         zoom_out="border_change", zoom_value="nominal", keep_lost=False,
-                        upsample="label", refine="diff", lasso=True, paste="label"),
+                        upsample="label", refine="diff", lasso=True, merge="label"),
 }
 # For release weights: nnInteractive's loop, but overlapping classes merged by probability (the
 # coarse probability upsampled, not the label, so that there is a probability to merge by);
 # docs/POLICY.md gives the evidence.
-PRESETS["release"] = PRESETS["reference"].replace(name="release", upsample="prob", paste="prob")
+PRESETS["release"] = PRESETS["reference"].replace(name="release", upsample="prob", merge="prob")
 DEFAULT = "project"
 
 
@@ -172,7 +183,7 @@ def parse_policy(spec) -> Policy:
     kw = {}
     for item in overrides:
         key, sep, val = item.partition("=")
-        key = key.strip()
+        key = ALIASES.get(key.strip(), key.strip())
         if not sep or key not in fields:
             raise ValueError(f"policy override {item!r}: expected knob=value, knob one of {sorted(fields)}")
         kw[key] = _value(fields[key], val)

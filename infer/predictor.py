@@ -189,7 +189,7 @@ class Predictor:
             frame = Frame.of_box(nonzero if self.policy.crop_nonzero else None, shape)
             image = frame.cut(image)
             prev_t, present = _prev_labels(case, shape, k_total, engine.device)
-            merge = MERGES[self.policy.paste](shape, k_total, engine.device)
+            merge = MERGES[self.policy.merge](shape, k_total, engine.device)
             # a class with neither prompts nor a previous mask has nothing to add: no work at all
             for k in sorted(set(asked) | present):
                 prev_k = (prev_t == k) if prev_t is not None else None

@@ -46,7 +46,7 @@ N_CLICKS = 2  # click stages per case (the harness runs 5; 2 reach every branch 
 HELDOUT = (2, 3, 5)  # tubes, touching (no boxes), mixed; several have a zero border
 HELDOUT_SIZE = 64
 POLICIES = tuple(sorted(PRESETS)) + (
-    "card",  # the demo card's own policy (mirroring, probability paste on the reference loop)
+    "card",  # the demo card's own policy (mirroring, classes merged by probability on the reference loop)
     "project,mirror=on,mirror_axes=z,max_refine_patches=2",
     "reference,crop_nonzero=off,keep_lost=on,zoom_value=scale",
     "release,mirror_last=on,last_click=2,mirror_axes=yx",  # gated mirroring at the 2nd click stage

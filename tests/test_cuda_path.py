@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 POLICIES = [None,  # the demo card's own
             "reference", "project", "reference,refine=tiles",
-            "project,paste=label,upsample=label,zoom_out=border_change,mirror=on"]
+            "project,merge=label,upsample=label,zoom_out=border_change,mirror=on"]
 # fp32 on CUDA (TF32 off) against the CPU: the same arithmetic up to summation order; on an H200
 # every class of every policy and case gave Dice 1.0000.
 DICE_MIN_FP32 = 0.99

@@ -1,5 +1,7 @@
 """The interaction policy's decisions (infer/policy.py) against hand-computed numbers, scipy's
 grey morphology, and stub networks whose answers are known."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -23,17 +25,30 @@ def test_presets_and_spec_parsing():
     assert parse_policy("reference") is REF and parse_policy(REF) is REF
     p = parse_policy("reference,refine=none,lasso=off,max_zoom=2.5,mirror=on")
     assert (p.refine, p.lasso, p.max_zoom, p.mirror) == ("none", False, 2.5, True)
-    assert p.zoom_out == REF.zoom_out and p.paste == "label"
+    assert p.zoom_out == REF.zoom_out and p.merge == "label"
     assert p.name == "reference,refine=none,lasso=off,max_zoom=2.5,mirror=on"
-    assert parse_policy("paste=label").paste == "label"  # knobs alone: on the default preset
+    assert parse_policy("merge=label").merge == "label"  # knobs alone: on the default preset
     for bad in ("nonsense", "reference,refine=everything", "reference,colour=red", "project,lasso=maybe"):
         with pytest.raises(ValueError):
             parse_policy(bad)
     # the reference's knobs are nnInteractive 1.1.5's loop
     assert (REF.crop_nonzero, REF.box_view, REF.click_zoom, REF.zoom_out, REF.zoom_value) == \
         (True, "box", "one", "border_change", "nominal")
-    assert (REF.max_zoom, REF.zoom_step, REF.upsample, REF.refine, REF.lasso, REF.paste, REF.mirror) == \
+    assert (REF.max_zoom, REF.zoom_step, REF.upsample, REF.refine, REF.lasso, REF.merge, REF.mirror) == \
         (4.0, 1.5, "label", "diff", True, "label", False)
+
+
+def test_the_old_spelling_of_merge_is_still_read():
+    # cards written before the class-merge knob was named ``merge`` carry ``paste=...``
+    old, new = parse_policy("reference,paste=prob"), parse_policy("reference,merge=prob")
+    assert old.merge == new.merge == "prob" and REF.merge == "label"
+    assert dataclasses.replace(old, name="") == dataclasses.replace(new, name="")
+    assert old.name == "reference,paste=prob"  # the name records the spec as written
+    assert old.paste == "prob" and REF.replace(paste="prob").merge == "prob"
+    with pytest.raises(ValueError):
+        parse_policy("reference,paste=sum")
+    with pytest.raises(TypeError):  # the old spelling is no constructor field
+        Policy(paste="prob")
 
 
 def test_card_carries_an_optional_policy():
@@ -251,7 +266,7 @@ def test_paste_labels_or_probabilities():
     boxes = [box_dict(5, 14, 5, 14, 5, 14), box_dict(10, 19, 10, 19, 10, 19)]
     net = ChannelStub(channel=2, gain=1e4)
     prob = Predictor(net, card("3d"), "cpu", policy="project,zoom_out=none").predict(case_with(boxes=boxes))
-    lab = Predictor(net, card("3d"), "cpu", policy="project,zoom_out=none,paste=label").predict(case_with(boxes=boxes))
+    lab = Predictor(net, card("3d"), "cpu", policy="project,zoom_out=none,merge=label").predict(case_with(boxes=boxes))
     assert (prob[10:15, 10:15, 10:15] == 1).all() and (lab[10:15, 10:15, 10:15] == 2).all()
     for segs in (prob, lab):
         assert (segs[5:10, 5:15, 5:15] == 1).all() and (segs[15:20, 10:20, 10:20] == 2).all()

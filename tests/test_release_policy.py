@@ -18,8 +18,8 @@ PATCH = (4, 8, 8)
 def test_release_is_reference_with_probability_merge_only():
     ref, rel = PRESETS["reference"], PRESETS["release"]
     differ = {f.name for f in dataclasses.fields(Policy) if getattr(ref, f.name) != getattr(rel, f.name)}
-    assert differ == {"name", "upsample", "paste"}
-    assert (rel.upsample, rel.paste) == ("prob", "prob") and rel.mirror_last is False
+    assert differ == {"name", "upsample", "merge"}
+    assert (rel.upsample, rel.merge) == ("prob", "prob") and rel.mirror_last is False
     assert parse_policy("release,mirror_last=on").mirror_last is True
 
 
