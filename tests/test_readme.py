@@ -59,6 +59,8 @@ def _commands(path: Path):
     lines += _inline_commands(path)
     out = []
     for line in lines:
+        if re.fullmatch(r"(for|while) .*; do|done", line):  # a loop's own lines: its body is checked
+            continue
         for part in line.split("&&"):
             argv = shlex.split(part.replace("[", " ").replace("]", " ").replace("|", " "))
             while argv and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", argv[0]):  # VAR=value prefixes
