@@ -1,4 +1,4 @@
-"""Prompt bookkeeping and drawing against hand-computed values."""
+"""Prompt drawing (the 7 channels) against hand-computed values."""
 import math
 
 import pytest
@@ -6,42 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from infer.geometry import Crop, make_crop
-from infer.case import Case, box_extent, chronological_clicks, drawn_box, num_classes
 from infer.prompts import ClassPrompts, _odd_kernel, encode, soft_ball
-
-
-def test_chronological_clicks_walks_one_pointer_per_list_and_skips_none():
-    clicks = {"fg": [[1, 1, 1], [2, 2, 2]], "bg": [[3, 3, 3]]}
-    order = ["fg", None, "bg", "fg"]
-    assert chronological_clicks(clicks, order, (10, 10, 10)) == [
-        (True, (1, 1, 1)), (False, (3, 3, 3)), (True, (2, 2, 2))]
-
-
-def test_chronological_clicks_disagreeing_lists_and_outside_points():
-    clicks = {"fg": [[1, 1, 1], [2, 2, 2]], "bg": [[3, 3, 3], [50, 0, 0]]}
-    # order mentions one bg more than exists and forgets one fg: the extra fg is appended
-    order = ["bg", "bg", "bg", "fg"]
-    seq = chronological_clicks(clicks, order, (10, 10, 10))
-    assert seq == [(False, (3, 3, 3)), (True, (1, 1, 1)), (True, (2, 2, 2))]  # (50,0,0) dropped
-
-
-def test_box_extent_inclusive_to_half_open_drawn_2d_and_3d():
-    d = {"z_min": 3, "z_max": 9, "z_mid": 6, "z_mid_y_min": 10, "z_mid_y_max": 20,
-         "z_mid_x_min": 30, "z_mid_x_max": 40}
-    extent, z_mid = box_extent(d, (20, 64, 64))
-    assert drawn_box(extent, z_mid, "2d") == ((6, 10, 30), (7, 21, 41))
-    assert extent == ((3, 10, 30), (10, 21, 41))
-    assert drawn_box(extent, z_mid, "3d") == extent
-
-
-def test_box_extent_clips_to_volume_and_swaps_inverted_bounds():
-    d = {"z_min": -4, "z_max": 30, "z_mid": 25, "z_mid_y_min": 70, "z_mid_y_max": 50,
-         "z_mid_x_min": -3, "z_mid_x_max": 5}
-    extent, z_mid = box_extent(d, (20, 64, 64))
-    assert extent == ((0, 50, 0), (20, 64, 6))
-    assert drawn_box(extent, z_mid, "2d") == ((19, 50, 0), (20, 64, 6))  # z_mid clipped into the extent
-    assert box_extent({"z_min": 30, "z_max": 40, "z_mid": 35, "z_mid_y_min": 1, "z_mid_y_max": 2,
-                       "z_mid_x_min": 1, "z_mid_x_max": 2}, (20, 64, 64))[0] is None
 
 
 def test_soft_ball_values():
@@ -178,43 +143,3 @@ def test_odd_kernel_matches_round_to_nearest_odd():
     for zoom, k in ((1.0, 1), (1.25, 1), (1.5, 3), (2.0, 3), (2.25, 3), (2.5, 5), (2.6, 5), (3.0, 5),
                     (3.375, 5), (3.5, 7), (4.0, 7)):
         assert _odd_kernel(zoom) == k, zoom
-
-
-def test_class_prompts_and_num_classes():
-    import numpy as np
-    case = {"imgs": np.zeros((10, 10, 10), np.uint8), "boxes": None,
-            "clicks": [{"fg": [[1, 2, 3]], "bg": []}, {"fg": [], "bg": []}],
-            "clicks_order": [["fg"], [None]]}
-    assert num_classes(case) == 2
-    c = Case.from_mapping(case)
-    a, b = c.prompts(1, "2d"), c.prompts(2, "2d")
-    assert a.clicks == [(True, (1, 2, 3))] and not a.done and a.box is None
-    assert b.done and b.clicks == []
-
-
-def test_num_classes_is_the_longest_list_and_bad_entries_fail_their_class_only():
-    import numpy as np
-    import pytest
-    from infer.entries import Malformed
-    from infer.case import PromptError
-    box = {"z_min": 1, "z_max": 3, "z_mid": 2, "z_mid_y_min": 1, "z_mid_y_max": 4, "z_mid_x_min": 1,
-           "z_mid_x_max": 4}
-    case = {"imgs": np.zeros((10, 10, 10), np.uint8), "boxes": [box, Malformed("boxes[1]: bad")],
-            "clicks": [None, None, {"fg": [[1, 1, 1]], "bg": []}], "clicks_order": None}
-    assert num_classes(case) == 3
-    assert num_classes({"boxes": [], "clicks": [{}, {}], "clicks_order": [[], [], [], []]}) == 4
-    assert num_classes({"boxes": None, "clicks": None}) == 0
-    c = Case.from_mapping(case)
-    assert c.prompts(1, "3d").box == ((1, 1, 1), (4, 5, 5))
-    with pytest.raises(PromptError, match="boxes\\[1\\]: bad"):
-        c.prompts(2, "3d")
-    assert c.prompts(3, "3d").clicks == [(True, (1, 1, 1))]
-    for bad, match in [(dict(box, z_min=1.5), "expected an integer"), (dict(box, z_min=None), "NoneType"),
-                       (dict(box, other=1), "unknown key"), ({"z_mid": 2}, "missing key")]:
-        with pytest.raises(PromptError, match=match):
-            box_extent(bad, (10, 10, 10))
-    assert box_extent(dict(box, z_min=1.0), (10, 10, 10))[0] == ((1, 1, 1), (4, 5, 5))
-    with pytest.raises(PromptError, match="expected \\[z, y, x\\]"):
-        chronological_clicks({"fg": [[1, 2]]}, None, (10, 10, 10))
-    with pytest.raises(PromptError, match="clicks_order entry 'up'"):
-        chronological_clicks({"fg": [[1, 2, 3]]}, ["up"], (10, 10, 10))
